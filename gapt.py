@@ -1,0 +1,1242 @@
+"""
+gapt.py: GPT-2 pretraining with Gated Phase Transitions (GAPT), in one file.
+
+A minimal reproduction of "Memorization-Compression Cycles Improve Generalization"
+(Fangyuan Yu, arXiv:2505.08727). The paper's idea: a language model should not only predict the
+next token (low cross-entropy, CE) but also keep its internal representations compressed (low
+matrix-based entropy, MBE). GAPT alternates between a memorization phase (train on CE) and a
+compression phase (train on CE + lambda * MBE), switching on patience gates.
+
+Run it:
+    python gapt.py                                   # the paper's FineWeb run, one process
+    python gapt.py config/shakespeare.py --mode=gapt # a config file plus overrides
+    torchrun --nproc_per_node=8 gapt.py              # 8 GPUs, DDP
+    python gapt.py --task=forgetting                 # the catastrophic-forgetting toy
+
+The file reads top to bottom in the order things happen: config, model, MBE, IBLM loss, GAPT gate,
+gradient alignment, data, checkpoints, the training loop.
+"""
+
+import ast
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config
+# Every hyperparameter is a plain value here. Override with a config file and/or --key=value:
+#     python gapt.py config/arithmetic.py --mode=gapt --seed=2
+# The defaults are the paper's FineWeb run with GPT-2 124M (about 1M tokens per step).
+# -----------------------------------------------------------------------------
+DEFAULTS = dict(
+    # what to run
+    task="pretrain",  # 'pretrain' (language modelling) or 'forgetting' (the toy of the paper)
+    mode="gapt",  # 'baseline' (CE only), 'iblm' (CE + lambda*MBE always) or 'gapt' (gated)
+    # I/O
+    out_dir="out",  # checkpoint ckpt.pt and log.jsonl go here
+    eval_interval=250,  # evaluate and checkpoint every this many optimizer steps
+    eval_iters=20,  # batches per split in each evaluation
+    log_interval=10,  # print and log a training line every this many steps
+    always_save_checkpoint=True,  # save at every evaluation, not only when val CE improves
+    init_from="scratch",  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    # data
+    data_dir="data",  # prepare_data.py writes data_dir/<dataset>/{train,val}.bin + meta.json
+    dataset="fineweb",  # name of the folder under data_dir
+    batch_size=16,  # sequences per micro-batch per process
+    block_size=1024,  # context length; must be a multiple of patch_size
+    gradient_accumulation_steps=64,  # micro-batches per optimizer step, summed over all processes
+    answer_eval_examples=1000,  # arithmetic only: examples per split for the answer CE in evaluations
+    # model (GPT-2 124M)
+    n_layer=12,  # transformer blocks
+    n_head=12,  # attention heads
+    n_embd=768,  # width of the residual stream
+    vocab_size=50304,  # used when the dataset has no meta.json; 50257 rounded up to a multiple of 64
+    dropout=0.0,  # 0 for pretraining, as in the paper
+    bias=False,  # biases in Linear and LayerNorm layers
+    # IBLM: CE + lambda * MBE_reg
+    mbe_weight=1.0,  # lambda, the weight of the MBE term when it is on
+    patch_size=8,  # tokens per patch for the patch MBE (max MBE = log patch_size)
+    mbe_skip_first=2,  # blocks at the bottom not regularized (still measured and logged)
+    mbe_skip_last=2,  # blocks at the top not regularized
+    # GAPT gate (patience counts optimizer steps: scale it with the run length)
+    delta_ce=0.01,  # a CE drop below the best by more than this counts as progress (nats)
+    delta_mbe=0.002,  # an MBE drop below the best by more than this counts as progress
+    patience_mem=125,  # steps without CE progress before compression starts
+    patience_comp=125,  # steps without MBE progress before compression stops
+    tau=0.1,  # compression stops when CE exceeds (1 + tau) * best CE of the phase
+    # gradient alignment (the memorization-compression cycle)
+    align_interval=50,  # measure cos(grad CE, grad MBE_reg) every this many steps; 0 = off
+    # AdamW optimizer and learning-rate schedule
+    learning_rate=6e-4,  # peak learning rate
+    max_iters=1750,  # optimizer steps in the run
+    warmup_iters=100,  # linear warmup steps
+    lr_decay_iters=1750,  # cosine decay ends here (usually = max_iters)
+    min_lr=6e-5,  # learning rate after the decay (learning_rate / 10)
+    weight_decay=0.1,  # applied to 2-D weights only
+    beta1=0.9,  # AdamW beta1
+    beta2=0.95,  # AdamW beta2
+    grad_clip=1.0,  # clip the global gradient norm to this; 0 = off
+    # the conflicting-memories toy (--task=forgetting; see its section)
+    forget_steps=1000,          # optimizer steps per task; both schedules run 2 * forget_steps steps
+    forget_seeds=5,             # seeds 0..n-1; a seed fixes teacher, shift, data and batches for every mode
+    forget_batch_size=32,       # samples per step; this batch is the "sequence" MBE is taken over (paper: 32)
+    forget_patch_size=8,        # MBE patch length inside the batch (paper: 8, max MBE = log 8)
+    forget_lr=1e-3,             # Adam learning rate, fixed (no schedule: the task switch is the only event)
+    forget_mbe_weight=1.0,      # lambda of CE + lambda * MBE for iblm and for gapt's compression phase (paper: 1)
+    forget_n_eval=1000,         # held-out samples per distribution for separation, losses and MBE
+    forget_eval_interval=20,    # steps between points of the logged curves
+    forget_delta_ce=0.01,       # gate: an L1 drop smaller than this is no progress (paper's value)
+    forget_delta_mbe=0.002,     # gate: an MBE drop smaller than this is no progress (paper's value)
+    # The paper waits 125 steps of a 1750-step run (~7%). One task here is 1000 steps, so the same
+    # fraction of a task is 125 * 1000 / 1750 ~= 70 steps: room for several cycles per task.
+    forget_patience_mem=70,     # gate: steps without L1 progress before compressing
+    forget_patience_comp=70,    # gate: steps without MBE progress before memorizing again
+    forget_tau=0.1,             # gate: relative L1 rise that aborts compression (paper's value)
+    # system
+    device="auto",  # 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype="auto",  # 'auto' (bfloat16 on CUDA, float32 elsewhere), 'bfloat16' or 'float32'
+    compile=True,  # torch.compile the model (training steps only)
+    seed=1337,  # one seed for init, data order and dropout
+)
+
+CHOICES = dict(
+    task=("pretrain", "forgetting"),
+    mode=("baseline", "iblm", "gapt"),
+    init_from=("scratch", "resume"),
+    dtype=("auto", "bfloat16", "float32"),
+)
+
+
+class ConfigError(SystemExit):
+    """Bad configuration: exits non-zero with a message naming the key, before anything is written."""
+
+    def __init__(self, message):
+        super().__init__(f"gapt.py: {message}")
+
+
+def coerce(key, value, default):
+    """Check a new value against the type of its default; ints are accepted where floats are."""
+    expected = type(default)
+    if expected is float and type(value) is int:
+        return float(value)
+    if type(value) is not expected:
+        raise ConfigError(f"{key} must be {expected.__name__} (like the default {default!r}), got {value!r}")
+    return value
+
+
+def parse_value(text, default):
+    """A command-line value is a Python literal (3, 1e-4, True); strings need no quotes."""
+    if isinstance(default, str):
+        return text
+    if isinstance(default, bool) and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # coerce() reports the type mismatch with the key's name
+
+
+def load_config(argv, defaults=DEFAULTS):
+    """Defaults, then config files (python files of assignments) in order, then --key=value."""
+    cfg = dict(defaults)
+    for arg in argv:
+        if arg.startswith("--"):
+            key, has_value, text = arg[2:].partition("=")
+            if not has_value:
+                raise ConfigError(f"write overrides as --key=value, got {arg!r}")
+            updates = {key: parse_value(text, cfg.get(key, ""))}
+        else:
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file {arg!r} not found (arguments are config files or --key=value)")
+            namespace = {}
+            exec(open(arg).read(), {}, namespace)
+            updates = {k: v for k, v in namespace.items() if not k.startswith("_")}
+        for key, value in updates.items():
+            if key not in cfg:
+                raise ConfigError(f"unknown config key {key!r} (see DEFAULTS at the top of gapt.py)")
+            cfg[key] = coerce(key, value, defaults[key])
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg):
+    for key, allowed in CHOICES.items():
+        if cfg[key] not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {cfg[key]!r}")
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
+                "patch_size", "max_iters", "eval_iters", "log_interval", "eval_interval"):
+        if cfg[key] <= 0:
+            raise ConfigError(f"{key} must be positive, got {cfg[key]}")
+    if cfg["block_size"] % cfg["patch_size"]:
+        raise ConfigError(f"block_size ({cfg['block_size']}) must be a multiple of patch_size ({cfg['patch_size']}): "
+                          f"the patch MBE cuts each sequence into whole patches")
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise ConfigError(f"n_embd ({cfg['n_embd']}) must be a multiple of n_head ({cfg['n_head']})")
+    if cfg["mbe_skip_first"] < 0 or cfg["mbe_skip_last"] < 0 or cfg["mbe_skip_first"] + cfg["mbe_skip_last"] >= cfg["n_layer"]:
+        raise ConfigError(f"mbe_skip_first + mbe_skip_last ({cfg['mbe_skip_first']} + {cfg['mbe_skip_last']}) "
+                          f"must leave at least one of the {cfg['n_layer']} blocks to regularize")
+
+
+# -----------------------------------------------------------------------------
+# The GPT-2 model: learned positions, pre-LayerNorm blocks, GELU MLP, tied embedding and head.
+# -----------------------------------------------------------------------------
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = False
+    patch_size: int = 8
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim): heads become a batch dimension for SDPA
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # SDPA picks the flash / memory-efficient kernel on GPU
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, head_dim) -> (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = LayerNorm(config.n_embd, config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer), one per residual add
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def trunk(self, idx, measure_mbe):
+        """Final hidden states (B, T, C) and, if asked, the patch MBE of every block's output
+        (the residual stream after the block: the representation the paper compresses)."""
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        block_mbes = []
+        for block in self.blocks:
+            x = block(x)
+            if measure_mbe:
+                block_mbes.append(patch_mbe(x, self.config.patch_size))
+        return self.ln_f(x), block_mbes
+
+    def forward(self, idx, targets=None):
+        """(logits, ce, mbe_blocks): with targets, the mean next-token CE and a (n_layer,) tensor of
+        block MBEs; without (generation), the last position's logits only and ce = mbe_blocks = None."""
+        x, block_mbes = self.trunk(idx, measure_mbe=targets is not None)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None, None
+        logits = self.lm_head(x)
+        ce = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+        return logits, ce, torch.stack(block_mbes)
+
+    def all_logits(self, idx):
+        """Logits at every position, without loss or MBE (for scoring answers)."""
+        return self.lm_head(self.trunk(idx, measure_mbe=False)[0])
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None):
+        """Extend idx (B, T). temperature=0 means greedy. Stops early once every row has
+        produced stop_token (rows that finished keep generating; callers cut at stop_token)."""
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            logits, _, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits[logits < kth] = -float("inf")
+                next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, next_token), dim=1)
+            if stop_token is not None:
+                finished |= next_token.squeeze(1) == stop_token
+                if finished.all():
+                    break
+        return idx
+
+
+# -----------------------------------------------------------------------------
+# Matrix-based entropy (MBE): how spread out a set of token representations is.
+# The Gram matrix K = Z Z^T of N tokens, normalized to unit trace, has eigenvalues p_i that
+# sum to 1; their Renyi entropy is 0 when all tokens point the same way (fully compressed)
+# and log N when they are orthogonal with equal norms (nothing shared).
+# -----------------------------------------------------------------------------
+MBE_EPS = 1e-5
+
+
+def mbe(Z, alpha=2.0):
+    """Matrix-based Renyi entropy S_alpha of each matrix Z[..., N, D] (rows = tokens), natural log.
+    Always float32: in bf16 the Gram matrix entries lose the precision that log(tr^2/||K||^2)
+    needs, so autocast is switched off here even inside a bf16 forward pass."""
+    Z = Z.float()
+    with torch.autocast(device_type=Z.device.type, enabled=False):
+        K = Z @ Z.transpose(-1, -2)  # (..., N, N) Gram matrix
+        trace = K.diagonal(dim1=-2, dim2=-1).sum(-1)
+        if alpha == 2:
+            # closed form: sum_i p_i^2 = ||K||_F^2 / tr(K)^2, no eigendecomposition needed
+            entropy = 2 * torch.log(trace + MBE_EPS) - torch.log(K.square().sum((-2, -1)) + MBE_EPS)
+        else:
+            p = torch.linalg.eigvalsh(K / (trace[..., None, None] + MBE_EPS)).clamp(min=0)
+            if alpha == 1:
+                entropy = -torch.special.xlogy(p, p).sum(-1)
+            else:
+                entropy = torch.log((p ** alpha).sum(-1).clamp(min=torch.finfo(p.dtype).tiny)) / (1 - alpha)
+            entropy = torch.where(trace > 0, entropy, 0.0)  # an all-zero matrix has no spread
+    return entropy.clamp(min=0)
+
+
+def patch_mbe(h, patch_size):
+    """Mean alpha-2 MBE over non-overlapping patches of patch_size consecutive tokens of h (B, T, C).
+    Patches keep the Gram matrices tiny (P x P): the cost is P / (12 * C) of a block's FLOPs."""
+    B, T, C = h.shape
+    if T % patch_size:
+        raise ValueError(f"sequence length {T} is not a multiple of patch_size {patch_size}; "
+                         f"choose block_size as a multiple of patch_size")
+    patches = h.view(B, T // patch_size, patch_size, C)  # (B, T, C) -> (B, n_patches, P, C)
+    return mbe(patches).mean()
+
+
+# -----------------------------------------------------------------------------
+# IBLM: Information Bottleneck Language Modelling, loss = CE + lambda * MBE_reg.
+# MBE_reg is the mean MBE of the middle blocks; the three modes differ only in lambda per step.
+# -----------------------------------------------------------------------------
+def regularized_mbe(mbe_blocks, skip_first, skip_last):
+    """Mean over the regularized blocks (all blocks stay logged; the ends are left free because
+    the first blocks build token features and the last ones must expand them for the head)."""
+    return mbe_blocks[skip_first:len(mbe_blocks) - skip_last].mean()
+
+
+def iblm_loss(ce, mbe_reg, weight):
+    """weight is 0 (no MBE gradient at all), a float, or a 0-d tensor set by the GAPT gate.
+    The gate's weight is a tensor outside the compiled model, so a phase switch changes a value,
+    never the graph: no recompile, and every parameter receives a gradient in both phases."""
+    if isinstance(weight, (int, float)) and weight == 0:
+        return ce
+    return ce + weight * mbe_reg
+
+
+def mbe_weight_for(mode, mbe_weight, gate):
+    """lambda for the next step: 0 in baseline, always on in iblm, on in GAPT's compression phase."""
+    if mode == "baseline":
+        return 0.0
+    if mode == "iblm":
+        return mbe_weight
+    return mbe_weight * (gate.state["phase"] == 2)
+
+
+# -----------------------------------------------------------------------------
+# GAPT: the Gated Phase Transition. Memorize (CE only) until CE stops improving, then compress
+# (CE + lambda * MBE) until MBE stops improving or CE gets worse by more than tau; repeat.
+# -----------------------------------------------------------------------------
+class GAPT:
+    """The gate of PAPER.md, to the letter. Its state lives in 0-d tensors on `device`, and step()
+    returns the next phase as a tensor, so that calling it every optimizer step on GPU losses never
+    makes the CPU wait for the GPU; read `phase` (an int) only when you need it on the host."""
+
+    def __init__(self, delta_ce=0.01, delta_mbe=0.002, patience_mem=125, patience_comp=125, tau=0.1, device="cpu"):
+        self.delta_ce, self.delta_mbe, self.tau = delta_ce, delta_mbe, tau
+        self.patience_mem, self.patience_comp = patience_mem, patience_comp
+        self.device = device
+        self.load_state_dict(dict(phase=1, s_m=0, s_c=0, ce_min=math.inf, mbe_min=math.inf))
+
+    @property
+    def phase(self):
+        return int(self.state["phase"])
+
+    def step(self, ce, mbe):
+        """Feed one optimizer step's training CE and MBE_reg; returns the phase of the next step.
+        Both branches of the pseudo-code are computed and the right one is selected with where(),
+        which is how a branch on GPU values is taken without a host-device sync."""
+        s, where = self.state, torch.where
+        # float64 so that the comparisons with delta are those of the pseudo-code in Python floats
+        ce, mbe = (torch.as_tensor(v, dtype=torch.float64, device=self.device).detach() for v in (ce, mbe))
+        memorizing = s["phase"] == 1
+        ce_min = torch.minimum(s["ce_min"], ce)  # both phases first track the best CE
+        # memorization: count steps without CE progress; start compressing after patience_mem
+        s_m = where(ce < s["ce_min"] - self.delta_ce, 0, s["s_m"] + 1)
+        start_compressing = memorizing & (s_m >= self.patience_mem)
+        # compression: stop on a CE spike, else count steps without MBE progress
+        ce_spike = ce > (1 + self.tau) * ce_min
+        s_c = where(mbe < s["mbe_min"] - self.delta_mbe, 0, s["s_c"] + 1)
+        mbe_min = torch.minimum(s["mbe_min"], mbe)
+        tracks_mbe = ~memorizing & ~ce_spike  # the pseudo-code's compression `else` branch
+        stop_compressing = ~memorizing & (ce_spike | (s_c >= self.patience_comp))
+        self.state = dict(
+            phase=where(start_compressing, 2, where(stop_compressing, 1, s["phase"])),
+            s_m=where(memorizing, s_m, where(stop_compressing, 0, s["s_m"])),
+            s_c=where(start_compressing, 0, where(tracks_mbe, s_c, s["s_c"])),
+            ce_min=where(start_compressing, math.inf, ce_min),
+            mbe_min=where(start_compressing, math.inf, where(tracks_mbe, mbe_min, s["mbe_min"])),
+        )
+        return self.state["phase"]
+
+    def state_dict(self):
+        return {k: v.item() for k, v in self.state.items()}
+
+    def load_state_dict(self, state):
+        dtypes = dict(phase=torch.int64, s_m=torch.int64, s_c=torch.int64, ce_min=torch.float64, mbe_min=torch.float64)
+        self.state = {k: torch.tensor(state[k], dtype=dtypes[k], device=self.device) for k in dtypes}
+
+
+# -----------------------------------------------------------------------------
+# Gradient alignment: the memorization-compression cycle.
+# cos(grad CE, grad MBE_reg) > 0: a CE descent step also lowers MBE (compression);
+# cos < 0: lowering CE raises MBE (memorization). In plain CE training its sign flips over time.
+# -----------------------------------------------------------------------------
+def cosine(a_parts, b_parts):
+    dot = sum((a * b).sum() for a, b in zip(a_parts, b_parts))
+    norm_a = torch.sqrt(sum(a.square().sum() for a in a_parts))
+    norm_b = torch.sqrt(sum(b.square().sum() for b in b_parts))
+    return dot / (norm_a * norm_b)
+
+
+def gradient_alignment(model, X, Y, skip_first, skip_last, autocast_ctx):
+    """Global and per-block cosines on one micro-batch. Uses autograd.grad (never touches .grad)
+    on the bare model (no DDP hooks, so no collective a rank could wait on forever), and forks the
+    RNG so dropout draws nothing from the training stream: training is exactly as without it.
+    Blocks above the regularized ones get no MBE gradient; their cosine is None."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    devices = [X.device] if X.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        with autocast_ctx:
+            _, ce, mbe_blocks = model(X, Y)
+        mbe_reg = regularized_mbe(mbe_blocks, skip_first, skip_last)
+        g_ce = torch.autograd.grad(ce, params, retain_graph=True)
+        g_mbe = torch.autograd.grad(mbe_reg, params, allow_unused=True, materialize_grads=True)
+    index = {id(p): i for i, p in enumerate(params)}
+    per_block = []
+    for block in model.blocks:
+        ids = [index[id(p)] for p in block.parameters()]
+        a, b = [g_ce[i].float() for i in ids], [g_mbe[i].float() for i in ids]
+        per_block.append(cosine(a, b) if any(x.any() for x in b) else None)
+    return cosine([g.float() for g in g_ce], [g.float() for g in g_mbe]), per_block
+
+
+# -----------------------------------------------------------------------------
+# Data: random windows from data_dir/<dataset>/<split>.bin (uint16 tokens, see prepare_data.py).
+# -----------------------------------------------------------------------------
+def prepare_command(dataset):
+    if dataset in ("fineweb", "arithmetic"):
+        return f"python prepare_data.py {dataset}"
+    return f"python prepare_data.py text --files 'path/to/*.txt' --name {dataset}"
+
+
+def load_meta(data_dir, dataset):
+    """The dataset's meta.json (tokenizer, vocab_size, eot_token, tokens per split), or None."""
+    path = os.path.join(data_dir, dataset, "meta.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"gapt.py: {path} is not valid JSON ({e}); re-create it with: {prepare_command(dataset)}")
+
+
+def check_split(data_dir, dataset, split, block_size, meta):
+    """Stop early, with the command that fixes it, rather than train on a missing or truncated file."""
+    path = os.path.join(data_dir, dataset, f"{split}.bin")
+    fix = f"prepare it with: {prepare_command(dataset)}"
+    if not os.path.exists(path):
+        raise SystemExit(f"gapt.py: dataset '{dataset}' has no {path}; {fix}")
+    size = os.path.getsize(path)
+    if size % 2:
+        raise SystemExit(f"gapt.py: {path} has an odd number of bytes, so it is not uint16 tokens; {fix}")
+    n_tokens = size // 2
+    expected = (meta or {}).get("tokens", {}).get(split)
+    if expected is not None and expected != n_tokens:
+        raise SystemExit(f"gapt.py: {path} holds {n_tokens} tokens but meta.json says {expected} (interrupted write?); {fix}")
+    if n_tokens <= block_size:
+        raise SystemExit(f"gapt.py: {path} has {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                         f"lower block_size or {fix}")
+    return path
+
+
+def load_windows(path, starts, block_size, device):
+    """x, y (len(starts), block_size) int64 windows; y is x shifted by one token."""
+    # a fresh memmap per batch: numpy keeps a long-lived memmap's pages referenced and leaks memory
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    rows = np.stack([data[s:s + block_size + 1] for s in starts.tolist()]).astype(np.int64)
+    xy = torch.from_numpy(rows)
+    x, y = xy[:, :-1], xy[:, 1:]
+    if device.type == "cuda":
+        # pinned memory lets the copy run asynchronously while the GPU is still busy
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.contiguous().to(device), y.contiguous().to(device)
+
+
+def draw_step_windows(generator, n_tokens, micro_steps, batch_size, block_size, rank, world_size):
+    """Start positions (micro_steps, batch_size) of this rank's windows for one optimizer step.
+    Every rank draws the whole step's windows from one generator with the same seed and keeps its
+    own rows: ranks see different data, and the run is the same as a single process with the
+    same global batch (tested), whatever the number of processes."""
+    starts = torch.randint(n_tokens - block_size, (micro_steps * world_size, batch_size), generator=generator)
+    return starts[rank::world_size]
+
+
+# -----------------------------------------------------------------------------
+# Arithmetic evaluation: answer CE, the paper's OOD metric (used by gapt.py and sample.py).
+# -----------------------------------------------------------------------------
+def split_examples(tokens, eot_token):
+    """uint16 tokens -> list of examples, each a list of ids ending with eot_token."""
+    ends = np.flatnonzero(np.asarray(tokens) == eot_token)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    return [tokens[s:e + 1].astype(np.int64).tolist() for s, e in zip(starts, ends)]
+
+
+@torch.no_grad()
+def answer_ce(model, examples, sep_token, device, batch_size=256):
+    """Mean CE over the answer digits (the tokens after sep_token '=' and before the final eot),
+    with the whole example as prompt: how well the model predicts the product, digit by digit."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i:i + batch_size]
+        width = max(len(e) for e in batch)
+        idx = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.bool)  # True where the *target* is an answer digit
+        for row, ex in enumerate(batch):
+            idx[row, :len(ex)] = torch.tensor(ex)  # right padding: causal attention never looks at it
+            eq = ex.index(sep_token)
+            mask[row, eq:len(ex) - 2] = True  # positions eq .. L-3 predict digits eq+1 .. L-2
+        idx, mask = idx.to(device), mask.to(device)
+        logits = model.all_logits(idx[:, :-1]).float()  # (B, width-1, vocab)
+        nll = F.cross_entropy(logits.transpose(1, 2), idx[:, 1:], reduction="none")  # (B, width-1)
+        total += nll[mask[:, :-1]].sum().item()
+        count += int(mask.sum())
+    return total / count
+
+
+# -----------------------------------------------------------------------------
+# Processes and devices: one process, or one per GPU (or CPU worker) under torchrun.
+# -----------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int  # global rank of this process
+    local_rank: int  # rank on this node: which GPU to use
+    world_size: int  # number of processes
+    device: torch.device
+
+    @property
+    def master(self):  # rank 0 logs and writes checkpoints
+        return self.rank == 0
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+
+def resolve_device(name, local_rank=0):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    return torch.device(name)
+
+
+def setup_distributed(cfg):
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process."""
+    if "RANK" not in os.environ:
+        return Dist(0, 0, 1, resolve_device(cfg["device"]))
+    import torch.distributed as dist
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = resolve_device(cfg["device"], local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, local_rank, world_size, device)
+
+
+def all_reduce_mean(tensor, dist_info):
+    """Average over processes (gloo has no AVG op, so SUM then divide)."""
+    if dist_info.ddp:
+        import torch.distributed as dist
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist_info.world_size
+    return tensor
+
+
+def gather_from_ranks(obj, dist_info):
+    if not dist_info.ddp:
+        return [obj]
+    import torch.distributed as dist
+    gathered = [None] * dist_info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def autocast_context(cfg, device):
+    dtype = cfg["dtype"]
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float32":
+        return nullcontext()
+    # bf16 has float32's range, so unlike fp16 it needs no loss scaling
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# -----------------------------------------------------------------------------
+# Model, optimizer and learning rate
+# -----------------------------------------------------------------------------
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "patch_size")
+
+
+def model_vocab_size(cfg, meta):
+    """The dataset's vocabulary when it says so; a large one is rounded up to a multiple of 64
+    (50257 -> 50304) for faster matmuls: the extra logits are never targets and learn to vanish."""
+    if meta is None:
+        return cfg["vocab_size"]
+    vocab = meta["vocab_size"]
+    return vocab if vocab <= 64 else 64 * math.ceil(vocab / 64)
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW with weight decay on matrices (matmul and embedding weights), none on gains and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg["weight_decay"]),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+                             fused=device.type == "cuda")
+
+
+def learning_rate(it, cfg):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if it < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
+    if it >= cfg["lr_decay_iters"]:
+        return cfg["min_lr"]
+    progress = (it - cfg["warmup_iters"]) / (cfg["lr_decay_iters"] - cfg["warmup_iters"])
+    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+# Peak dense bf16 FLOP/s per device, for model FLOPs utilization (MFU); other devices get no MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+              "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def flops_per_token(model):
+    """6 FLOPs per parameter per token (forward + backward) plus attention (PaLM appendix B).
+    MBE adds P / (12 n_embd) of a block's FLOPs, under 0.1% at 124M, so it is left out."""
+    c = model.config
+    n_params = model.num_params() - model.wpe.weight.numel()
+    return 6 * n_params + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: atomic, weights_only-loadable, and enough state to resume exactly.
+# -----------------------------------------------------------------------------
+def save_checkpoint(path, checkpoint):
+    """Write to a temporary file, then rename: a crash mid-write leaves the previous checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    if not os.path.exists(path):
+        raise SystemExit(f"gapt.py: init_from=resume but there is no checkpoint at {path}; "
+                         f"start a new run with --init_from=scratch or point --out_dir at the run to resume")
+    # weights_only: only tensors and plain values are unpickled, so a checkpoint cannot run code
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def rng_states(data_gen, device):
+    state = dict(torch=torch.get_rng_state(), data=data_gen.get_state())
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_states(states, rank, data_gen, device):
+    """Every rank gets back its own dropout stream; the data stream is the same on all ranks."""
+    if len(states) <= rank:
+        print(f"gapt.py: checkpoint has RNG states for {len(states)} processes, not {rank + 1}: "
+              f"rank {rank} keeps its fresh seed, so the run is no longer bit-exact")
+        return
+    data_gen.set_state(states[rank]["data"].cpu())
+    torch.set_rng_state(states[rank]["torch"].cpu())
+    if device.type == "cuda" and "cuda" in states[rank]:
+        torch.cuda.set_rng_state(states[rank]["cuda"].cpu(), device)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: validation CE and per-block MBE, averaged over ranks; answer CE on arithmetic.
+# -----------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, cfg, paths, answer_sets, autocast_ctx, dist_info):
+    """The same windows at every evaluation (a fixed generator per rank), so that evaluations
+    compare like with like, and no draw from the training data stream."""
+    model.eval()
+    results = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(cfg["seed"] + 1 + dist_info.rank)
+        n_tokens = os.path.getsize(paths[split]) // 2
+        sums = torch.zeros(1 + cfg["n_layer"], device=dist_info.device)  # [ce, mbe of each block]
+        for _ in range(cfg["eval_iters"]):
+            starts = torch.randint(n_tokens - cfg["block_size"], (cfg["batch_size"],), generator=gen)
+            x, y = load_windows(paths[split], starts, cfg["block_size"], dist_info.device)
+            with autocast_ctx:
+                _, ce, mbe_blocks = model(x, y)
+            sums += torch.cat([ce.view(1), mbe_blocks])
+        means = all_reduce_mean(sums / cfg["eval_iters"], dist_info)
+        results[f"{split}_ce"] = means[0].item()
+        if split == "val":
+            results["val_mbe"] = regularized_mbe(means[1:], cfg["mbe_skip_first"], cfg["mbe_skip_last"]).item()
+            results["val_mbe_blocks"] = [round(v, 5) for v in means[1:].tolist()]
+    for split, (examples, sep_token) in answer_sets.items():
+        # every rank scores the same fixed examples, so there is nothing to average
+        with autocast_ctx:
+            results[f"{split}_answer_ce"] = answer_ce(model, examples, sep_token, dist_info.device)
+    model.train()
+    return results
+
+
+def load_answer_sets(cfg, meta):
+    """Arithmetic data (a character vocabulary with '='): the first answer_eval_examples examples
+    of each validation split, scored by answer CE at every evaluation (the paper's OOD metric)."""
+    if meta is None or not isinstance(meta.get("tokenizer"), list) or "=" not in meta["tokenizer"]:
+        return {}
+    answer_sets = {}
+    for split in ("val", "val_ood"):
+        path = os.path.join(cfg["data_dir"], cfg["dataset"], f"{split}.bin")
+        if os.path.exists(path):
+            examples = split_examples(np.fromfile(path, dtype=np.uint16), meta["eot_token"])
+            answer_sets[split] = (examples[:cfg["answer_eval_examples"]], meta["tokenizer"].index("="))
+    return answer_sets
+
+
+# -----------------------------------------------------------------------------
+# Logging: a line on stdout and a JSON row in out_dir/log.jsonl per logged step, evaluation,
+# alignment measurement and phase change.
+# -----------------------------------------------------------------------------
+def append_jsonl(path, row):
+    with open(path, "a") as f:  # open per row: a crash never loses the rows before it
+        f.write(json.dumps(row) + "\n")
+
+
+FORMATS = dict(lr="{:.2e}", ms_per_step="{:.1f}", tok_per_s="{:,}", mfu="{:.1%}")
+
+
+def format_row(row):
+    """One stdout line from a log row (lists such as per-block MBEs stay in the JSON only)."""
+    return " | ".join(f"{key} " + FORMATS.get(key, "{:.4f}" if isinstance(value, float) else "{}").format(value)
+                      for key, value in row.items() if not isinstance(value, list))
+
+
+# -----------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------
+def train_step(model, optimizer, starts, weight, cfg, train_path, autocast_ctx, dist_info):
+    """One optimizer step over this rank's micro-batches (starts: (micro_steps, batch_size)).
+    Returns the step's (ce, mbe_reg), averaged over micro-batches and ranks, still on the device."""
+    micro_steps = len(starts)
+    stats = torch.zeros(2, device=dist_info.device)
+    X, Y = load_windows(train_path, starts[0], cfg["block_size"], dist_info.device)
+    for micro_step in range(micro_steps):
+        if dist_info.ddp:
+            # DDP decides during the forward pass whether the coming backward all-reduces gradients,
+            # so the flag is set before it: only the last micro-step pays for communication
+            model.require_backward_grad_sync = micro_step == micro_steps - 1
+        with autocast_ctx:
+            _, ce, mbe_blocks = model(X, Y)
+        mbe_reg = regularized_mbe(mbe_blocks, cfg["mbe_skip_first"], cfg["mbe_skip_last"])
+        loss = iblm_loss(ce, mbe_reg, weight) / micro_steps  # the mean over micro-batches, not the sum
+        if micro_step + 1 < micro_steps:  # read the next batch from disk while the GPU works
+            X, Y = load_windows(train_path, starts[micro_step + 1], cfg["block_size"], dist_info.device)
+        loss.backward()
+        stats += torch.stack([ce.detach(), mbe_reg.detach()])
+    if cfg["grad_clip"] > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # the gate sees the all-reduced losses: every rank takes the same decision, always
+    return all_reduce_mean(stats / micro_steps, dist_info)
+
+
+def measure_alignment(model, starts, cfg, train_path, autocast_ctx, dist_info):
+    """The alignment on this step's first micro-batch, averaged over ranks (NaN marks None)."""
+    X, Y = load_windows(train_path, starts, cfg["block_size"], dist_info.device)
+    overall, per_block = gradient_alignment(model, X, Y, cfg["mbe_skip_first"], cfg["mbe_skip_last"], autocast_ctx)
+    values = torch.stack([overall] + [torch.tensor(math.nan, device=X.device) if c is None else c for c in per_block])
+    values = all_reduce_mean(values.float(), dist_info).tolist()
+    return dict(align_cos=values[0], align_cos_blocks=[None if math.isnan(v) else round(v, 5) for v in values[1:]])
+
+
+def stop_if_not_finite(value, what, iter_num, cfg):
+    if not math.isfinite(value):
+        raise SystemExit(f"gapt.py: {what} is {value} at iter {iter_num}; stopping. The last good checkpoint "
+                         f"is {os.path.join(cfg['out_dir'], 'ckpt.pt')} (resume with --init_from=resume, "
+                         f"perhaps with a lower --learning_rate or --mbe_weight)")
+
+
+def build_run(cfg, dist_info, meta):
+    """Model, optimizer, gate and data stream, fresh or from out_dir/ckpt.pt."""
+    device = dist_info.device
+    checkpoint = None
+    if cfg["init_from"] == "resume":
+        checkpoint = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), device)
+        for key in MODEL_KEYS:  # the architecture is the checkpoint's, whatever the command line says
+            cfg[key] = checkpoint["config"][key]
+    else:
+        cfg["vocab_size"] = model_vocab_size(cfg, meta)
+    if meta is not None and meta["vocab_size"] > cfg["vocab_size"]:
+        raise SystemExit(f"gapt.py: dataset vocabulary ({meta['vocab_size']}) is larger than the model's "
+                         f"({cfg['vocab_size']}); was the checkpoint trained on another dataset?")
+    torch.manual_seed(cfg["seed"])  # the same initialization on every rank
+    model = GPT(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    gate = GAPT(cfg["delta_ce"], cfg["delta_mbe"], cfg["patience_mem"], cfg["patience_comp"], cfg["tau"], device=device)
+    data_gen = torch.Generator().manual_seed(cfg["seed"])  # the same on every rank: see draw_step_windows
+    torch.manual_seed(cfg["seed"] + dist_info.rank)  # dropout: a different stream on each rank
+    iter_num, best_val_loss = 0, math.inf
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        gate.load_state_dict(checkpoint["gapt"])
+        restore_rng_states(checkpoint["rng"], dist_info.rank, data_gen, device)
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    return model, optimizer, gate, data_gen, iter_num, best_val_loss
+
+
+def train(cfg):
+    dist_info = setup_distributed(cfg)
+    if cfg["gradient_accumulation_steps"] % dist_info.world_size:
+        raise ConfigError(f"gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) must be a multiple "
+                          f"of the number of processes ({dist_info.world_size}): it counts micro-batches over all of them")
+    micro_steps = cfg["gradient_accumulation_steps"] // dist_info.world_size
+    # check the data before anything is written
+    meta = load_meta(cfg["data_dir"], cfg["dataset"])
+    paths = {split: check_split(cfg["data_dir"], cfg["dataset"], split, cfg["block_size"], meta) for split in ("train", "val")}
+    answer_sets = load_answer_sets(cfg, meta)
+    device = dist_info.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    model, optimizer, gate, data_gen, iter_num, best_val_loss = build_run(cfg, dist_info, meta)
+    autocast_ctx = autocast_context(cfg, device)
+    log_path = os.path.join(cfg["out_dir"], "log.jsonl")
+    if dist_info.master:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        if cfg["init_from"] == "scratch" and os.path.exists(log_path):
+            os.remove(log_path)  # a new run starts a new log; a resumed one appends to its own
+        append_jsonl(log_path, dict(event="start", iter=iter_num, world_size=dist_info.world_size, config=cfg))
+        print(f"{model.num_params() / 1e6:.2f}M parameters, {dist_info.world_size} process(es) on {device.type}, "
+              f"{micro_steps} micro-steps of {cfg['batch_size']}x{cfg['block_size']} tokens each per process")
+
+    # the training graph: compiled once; evaluation and alignment use the plain module `model`
+    train_model = torch.compile(model) if cfg["compile"] else model
+    if dist_info.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_model = DDP(train_model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+
+    n_train = os.path.getsize(paths["train"]) // 2
+    tokens_per_step = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    flops_step, peak = flops_per_token(model) * tokens_per_step, peak_flops(device)
+    history = []  # (iter, lr, [ce, mbe], phase) since the last log: read back in a single sync
+    phases = []  # the phase of every step, for the caller
+    t_log = time.time()
+    while iter_num < cfg["max_iters"]:
+        lr = learning_rate(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        starts = draw_step_windows(data_gen, n_train, micro_steps, cfg["batch_size"], cfg["block_size"],
+                                   dist_info.rank, dist_info.world_size)
+        if cfg["align_interval"] and iter_num % cfg["align_interval"] == 0:
+            row = dict(iter=iter_num, **measure_alignment(model, starts[0], cfg, paths["train"], autocast_ctx, dist_info))
+            if dist_info.master:
+                append_jsonl(log_path, row)
+        phase = gate.state["phase"] if cfg["mode"] == "gapt" else torch.tensor(1)
+        weight = mbe_weight_for(cfg["mode"], cfg["mbe_weight"], gate)
+        stats = train_step(train_model, optimizer, starts, weight, cfg, paths["train"], autocast_ctx, dist_info)
+        if cfg["mode"] == "gapt":
+            gate.step(stats[0], stats[1])
+        iter_num += 1
+        history.append((iter_num, lr, stats, phase))
+
+        if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
+            values = torch.stack([torch.cat([s, p.view(1).to(s)]) for _, _, s, p in history]).tolist()  # one sync
+            dt = (time.time() - t_log) / len(history)
+            for (it, step_lr, _, _), (ce, mbe_reg, step_phase) in zip(history, values):
+                stop_if_not_finite(ce, "the training loss", it, cfg)
+                if phases and step_phase != phases[-1] and dist_info.master:
+                    append_jsonl(log_path, dict(iter=it, event="phase_change", phase=int(step_phase)))
+                phases.append(int(step_phase))
+            row = dict(iter=iter_num, phase=int(step_phase), ce=ce, mbe=mbe_reg, lr=step_lr,
+                       ms_per_step=round(1000 * dt, 1), tok_per_s=round(tokens_per_step / dt))
+            if peak:
+                row["mfu"] = round(flops_step / dt / (peak * dist_info.world_size), 4)
+            if dist_info.master:
+                append_jsonl(log_path, row)
+                print(format_row(row))
+            history, t_log = [], time.time()
+
+        if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]:
+            results = evaluate(model, cfg, paths, answer_sets, autocast_ctx, dist_info)
+            stop_if_not_finite(results["val_ce"], "the validation loss", iter_num, cfg)
+            stop_if_not_finite(stats[0].item(), "the training loss", iter_num, cfg)
+            rngs = gather_from_ranks(rng_states(data_gen, device), dist_info)  # a collective: all ranks
+            improved = results["val_ce"] < best_val_loss
+            best_val_loss = min(best_val_loss, results["val_ce"])
+            if dist_info.master:
+                row = dict(iter=iter_num, event="eval", **results)
+                append_jsonl(log_path, row)
+                print(format_row(row))
+                if improved or cfg["always_save_checkpoint"]:
+                    save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), dict(
+                        model=model.state_dict(), optimizer=optimizer.state_dict(), config=cfg, iter_num=iter_num,
+                        best_val_loss=best_val_loss, gapt=gate.state_dict(), rng=rngs))
+            t_log = time.time()  # evaluation time is not training time
+    if dist_info.ddp:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return dict(model=model, gate=gate, phases=phases)
+
+
+# -----------------------------------------------------------------------------
+# Experiment (c) "Conflicting memories": a toy built to provoke catastrophic forgetting. The paper's
+# idea: compression phases (CE + lambda * MBE) squeeze each task's representation into a compact
+# cluster, so two conflicting tasks end up with well separated representations (paper: +97%).
+# A student MLP learns two regression tasks whose teachers pull the weights in opposite directions
+# (theta0 + dtheta on inputs p1, theta0 - dtheta on inputs p2), either one after the other
+# (sequential) or interleaved (mixed). Run with: python gapt.py --task=forgetting
+# -----------------------------------------------------------------------------
+FORGET_MODES = ("baseline", "iblm", "gapt")
+FORGET_SCHEDULES = ("sequential", "mixed")
+PAPER_SEPARATION_GAIN_PCT = 97.0  # the paper's headline for this toy, GAPT vs baseline
+
+
+class ToyMLP(nn.Module):
+    """Teacher and student: 10 -> 20 -> 10 with ReLU; the ReLU layer is the representation."""
+
+    def __init__(self, n_in=10, n_hidden=20, n_out=10):
+        super().__init__()
+        self.fc = nn.Linear(n_in, n_hidden)
+        self.proj = nn.Linear(n_hidden, n_out)
+
+    def forward(self, x):
+        h = F.relu(self.fc(x))
+        return self.proj(h), h
+
+
+def sample_inputs(n, task, generator):
+    """p1: dims 0-4 ~ N(1, 0.25^2), dims 5-9 ~ N(0, 0.25^2); p2 (task 2) is the mirror image."""
+    x = 0.25 * torch.randn(n, 10, generator=generator)
+    hot = slice(0, 5) if task == 1 else slice(5, 10)
+    x[:, hot] += 1.0
+    return x
+
+
+def random_init(generator):
+    """theta0 = nn.Linear's default init (U(+-1/sqrt(fan_in)) for weights and biases), drawn from
+    our own generator so that a seed alone fixes it, without touching the global RNG."""
+    theta = {}
+    for name, n_out, n_in in (("fc", 20, 10), ("proj", 10, 20)):
+        bound = 1 / math.sqrt(n_in)
+        theta[f"{name}.weight"] = (2 * torch.rand(n_out, n_in, generator=generator) - 1) * bound
+        theta[f"{name}.bias"] = (2 * torch.rand(n_out, generator=generator) - 1) * bound
+    return theta
+
+
+def random_shift(theta, generator, rank=3):
+    """dtheta: a rank-<=3 direction per weight matrix, a Gaussian direction per bias, each rescaled to
+    the norm of its own tensor times one factor U(0.5, 5) drawn per tensor, so the shift is large
+    (up to 5x the weights) and differently large in each layer."""
+    dtheta = {}
+    for name, p in theta.items():
+        if p.dim() == 2:
+            n_out, n_in = p.shape
+            direction = torch.randn(n_out, rank, generator=generator) @ torch.randn(rank, n_in, generator=generator)
+        else:
+            direction = torch.randn(p.shape, generator=generator)
+        scale = p.norm() * (0.5 + 4.5 * torch.rand((), generator=generator))
+        dtheta[name] = direction * (scale / direction.norm())
+    return dtheta
+
+
+@torch.no_grad()
+def teacher_targets(theta, x):
+    teacher = ToyMLP()
+    teacher.load_state_dict(theta)
+    return teacher(x)[0]
+
+
+def make_forgetting_tasks(seed, n_train=32000, n_eval=1000):
+    """Everything random about one seed: the student's start theta0, both tasks' training streams
+    (n_train samples each, consumed in order, so every mode sees the same batches) and a held-out
+    evaluation set per task, drawn from its own generator so it does not depend on n_train.
+    Defaults match forget_steps * forget_batch_size and forget_n_eval."""
+    g = torch.Generator().manual_seed(seed)
+    theta0 = random_init(g)
+    dtheta = random_shift(theta0, g)
+    teachers = {1: {k: theta0[k] + dtheta[k] for k in theta0},   # task 1 pulls one way ...
+                2: {k: theta0[k] - dtheta[k] for k in theta0}}   # ... task 2 the opposite way
+    g_eval = torch.Generator().manual_seed(1_000_000 + seed)
+    tasks = {"theta0": theta0}
+    for task in (1, 2):
+        x_train = sample_inputs(n_train, task, g)
+        x_eval = sample_inputs(n_eval, task, g_eval)
+        tasks[f"x{task}_train"], tasks[f"y{task}_train"] = x_train, teacher_targets(teachers[task], x_train)
+        tasks[f"x{task}_eval"], tasks[f"y{task}_eval"] = x_eval, teacher_targets(teachers[task], x_eval)
+    return tasks
+
+
+def separation(h1, h2):
+    """between / sqrt(within) of two clouds of representations h1 (N1, D), h2 (N2, D):
+    between = distance of the two means, within = mean of the two mean squared distances to the
+    own mean. The 1e-12 only keeps a fully collapsed (all-zero) representation from giving 0/0."""
+    mu1, mu2 = h1.mean(0), h2.mean(0)
+    between = (mu1 - mu2).norm()
+    within = 0.5 * (((h1 - mu1) ** 2).sum(1).mean() + ((h2 - mu2) ** 2).sum(1).mean())
+    return (between / torch.sqrt(within + 1e-12)).item()
+
+
+def training_batches(tasks, schedule, steps_per_task, batch_size):
+    """Yields 2 * steps_per_task (x, y) batches. Sequential: task 1's stream, then task 2's.
+    Mixed: every batch is half task 1, half task 2, in that order, so both schedules consume
+    exactly the same samples. With batch_size/2 a multiple of the patch size, no MBE patch mixes
+    the tasks: MBE measures within-task entropy in both schedules (a mixed patch would instead
+    reward making the two tasks' representations parallel, i.e. less separated)."""
+    half = batch_size // 2
+    for step in range(2 * steps_per_task):
+        if schedule == "sequential":
+            task, i = (1, step) if step < steps_per_task else (2, step - steps_per_task)
+            rows = slice(i * batch_size, (i + 1) * batch_size)
+            yield tasks[f"x{task}_train"][rows], tasks[f"y{task}_train"][rows]
+        else:
+            rows = slice(step * half, (step + 1) * half)
+            yield (torch.cat([tasks["x1_train"][rows], tasks["x2_train"][rows]]),
+                   torch.cat([tasks["y1_train"][rows], tasks["y2_train"][rows]]))
+
+
+@torch.no_grad()
+def evaluate_forgetting(model, tasks, patch_size):
+    """Held-out L1 per task, separation of the two tasks' hidden clouds, and their patch MBE."""
+    y1, h1 = model(tasks["x1_eval"])
+    y2, h2 = model(tasks["x2_eval"])
+    return dict(
+        loss1=F.l1_loss(y1, tasks["y1_eval"]).item(),
+        loss2=F.l1_loss(y2, tasks["y2_eval"]).item(),
+        separation=separation(h1, h2),
+        # (N, 20) -> (1, N, 20): the eval set is one long "sequence", cut into patches as in training
+        mbe=0.5 * (patch_mbe(h1.unsqueeze(0), patch_size) + patch_mbe(h2.unsqueeze(0), patch_size)).item(),
+    )
+
+
+def train_forgetting(tasks, mode, schedule, cfg):
+    """One run: the student starts at theta0 and is trained with Adam on L1 (+ w * MBE) over the
+    schedule's batches. Returns final metrics and curves."""
+    steps_per_task, P = cfg["forget_steps"], cfg["forget_patch_size"]
+    model = ToyMLP()
+    model.load_state_dict(tasks["theta0"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["forget_lr"])
+    # One gate for the whole run, also across the task switch: the learner is not told that the
+    # task changed, the gate must notice it from the loss like any other change.
+    gate = GAPT(delta_ce=cfg["forget_delta_ce"], delta_mbe=cfg["forget_delta_mbe"],
+                patience_mem=cfg["forget_patience_mem"], patience_comp=cfg["forget_patience_comp"],
+                tau=cfg["forget_tau"])
+    curve = dict(step=[], separation=[], loss1=[], loss2=[], mbe=[])
+    phases = []  # per step: 2 if MBE was in the loss, else 1 (baseline all 1, iblm all 2)
+    after_task1 = None
+
+    def log_point(step):
+        metrics = evaluate_forgetting(model, tasks, P)
+        curve["step"].append(step)
+        for k in ("separation", "loss1", "loss2", "mbe"):
+            curve[k].append(metrics[k])
+        return metrics
+
+    batches = training_batches(tasks, schedule, steps_per_task, cfg["forget_batch_size"])
+    for step, (x, y) in enumerate(batches):
+        if step % cfg["forget_eval_interval"] == 0:
+            log_point(step)
+        if schedule == "sequential" and step == steps_per_task:
+            after_task1 = evaluate_forgetting(model, tasks, P)  # reference for forgetting
+        out, h = model(x)
+        l1 = F.l1_loss(out, y)
+        m = patch_mbe(h.unsqueeze(0), P)  # (32, 20) -> (1, 32, 20): the batch is the sequence
+        w = mbe_weight_for(mode, cfg["forget_mbe_weight"], gate)
+        loss = iblm_loss(l1, m, w)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        phases.append(2 if w else 1)
+        if mode == "gapt":
+            gate.step(l1.detach(), m.detach())
+    final = log_point(2 * steps_per_task)
+    return dict(
+        **final,
+        # how much task 1's held-out loss rose while training on task 2 (sequential only)
+        forgetting=final["loss1"] - after_task1["loss1"] if after_task1 else None,
+        frac_compression=sum(p == 2 for p in phases) / len(phases),
+        curve=curve,
+        phase=phases,
+    )
+
+
+def mean_std(values):
+    """Mean and sample std over seeds (std 0 for a single seed)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
+
+
+def summarize_forgetting(runs):
+    """Mean/std over seeds per (schedule, mode), and separation relative to the baseline."""
+    metrics = ("separation", "loss1", "loss2", "forgetting", "mbe", "frac_compression")
+    summary = {}
+    for schedule in FORGET_SCHEDULES:
+        by_mode = {mode: [r for r in runs if r["schedule"] == schedule and r["mode"] == mode] for mode in FORGET_MODES}
+        base_sep = {r["seed"]: r["separation"] for r in by_mode["baseline"]}
+        summary[schedule] = {}
+        for mode, rs in by_mode.items():
+            s = {k: mean_std([r[k] for r in rs]) for k in metrics if rs[0][k] is not None}
+            # the paper's kind of number: change of the mean separation ...
+            s["sep_change_pct"] = 100 * (s["separation"][0] / mean_std(list(base_sep.values()))[0] - 1)
+            # ... and its spread, against the same seed's baseline (paired: same data and batches)
+            s["sep_change_pct_paired"] = mean_std([100 * (r["separation"] / base_sep[r["seed"]] - 1) for r in rs])
+            summary[schedule][mode] = s
+    return summary
+
+
+def print_forgetting_table(summary, n_seeds):
+    fmt = lambda ms: f"{ms[0]:7.3f} ± {ms[1]:5.3f}"
+    print(f"\nConflicting memories, {n_seeds} seeds, mean ± std over seeds "
+          f"(L1 and MBE on held-out data; forgetting = task-1 L1 rise during task 2)")
+    header = f"{'schedule':<11}{'mode':<9}{'separation':>16}{'task1 L1':>16}{'task2 L1':>16}" \
+             f"{'forgetting':>16}{'MBE':>16}{'comp%':>7}  sep vs baseline"
+    print(header)
+    print("-" * len(header))
+    for schedule, modes in summary.items():
+        for mode, s in modes.items():
+            forgetting = fmt(s["forgetting"]) if "forgetting" in s else f"{'-':>15}"
+            change = (f"{s['sep_change_pct']:+6.1f}% (paired {s['sep_change_pct_paired'][0]:+.1f} ± "
+                      f"{s['sep_change_pct_paired'][1]:.1f}%)" if mode != "baseline" else "-")
+            print(f"{schedule:<11}{mode:<9}{fmt(s['separation']):>16}{fmt(s['loss1']):>16}{fmt(s['loss2']):>16}"
+                  f"{forgetting:>16}{fmt(s['mbe']):>16}{100 * s['frac_compression'][0]:6.0f}%  {change}")
+    print(f"paper: GAPT improves separation by +{PAPER_SEPARATION_GAIN_PCT:.0f}% over the baseline")
+
+
+def run_forgetting(cfg):
+    """Entry point of --task=forgetting: every mode x schedule x seed, table, JSON with all numbers."""
+    out_dir = cfg["out_dir"]
+    t0 = time.time()
+    runs = []
+    for seed in range(cfg["forget_seeds"]):
+        tasks = make_forgetting_tasks(seed, n_train=cfg["forget_steps"] * cfg["forget_batch_size"],
+                                      n_eval=cfg["forget_n_eval"])
+        for schedule in FORGET_SCHEDULES:
+            for mode in FORGET_MODES:
+                runs.append(dict(seed=seed, schedule=schedule, mode=mode,
+                                 **train_forgetting(tasks, mode, schedule, cfg)))
+    summary = summarize_forgetting(runs)
+    print_forgetting_table(summary, cfg["forget_seeds"])
+    result = dict(
+        config={k: v for k, v in cfg.items() if k.startswith("forget_")},
+        paper_separation_gain_pct=PAPER_SEPARATION_GAIN_PCT,
+        wall_s=time.time() - t0,
+        summary=summary,
+        runs=runs,
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "forgetting.json")
+    with open(path, "w") as f:
+        json.dump(result, f)
+    print(f"{len(runs)} runs in {result['wall_s']:.1f}s, all per-seed numbers and curves in {path}")
+    return result
+
+
+# -----------------------------------------------------------------------------
+# Entry point
+# -----------------------------------------------------------------------------
+def main(argv=None):
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    if cfg["task"] == "forgetting":
+        return run_forgetting(cfg)
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,563 @@
+"""The gapt test suite: a specification of the behaviour, runnable on a 2-core CPU.
+
+    python -m pytest -q test_gapt.py
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+import gapt
+from gapt import GAPT, GPT, GPTConfig, mbe, patch_mbe
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# -----------------------------------------------------------------------------
+# Helpers: tiny datasets and configs
+# -----------------------------------------------------------------------------
+def write_dataset(data_dir, name="tiny", vocab_size=32, n_train=20000, n_val=4000, seed=0, tokenizer="gpt2"):
+    """A learnable token stream (a noisy counter modulo vocab_size) in prepare_data.py's layout."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(data_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    counts = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        tokens = (np.arange(n) + (rng.random(n) < 0.1) * rng.integers(0, vocab_size, n)) % vocab_size
+        tokens.astype(np.uint16).tofile(os.path.join(folder, f"{split}.bin"))
+        counts[split] = n
+    meta = dict(tokenizer=tokenizer, vocab_size=vocab_size, eot_token=vocab_size - 1, dtype="uint16", tokens=counts)
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return folder
+
+
+TINY = dict(dataset="tiny", n_layer=3, n_head=2, n_embd=16, block_size=16, batch_size=4,
+            gradient_accumulation_steps=2, mbe_skip_first=1, mbe_skip_last=1, max_iters=6, warmup_iters=1,
+            lr_decay_iters=6, learning_rate=3e-3, eval_interval=3, eval_iters=2, log_interval=1,
+            align_interval=0, compile=False, device="cpu", patch_size=4)
+
+
+def tiny_args(tmp_path, **overrides):
+    settings = {**TINY, "data_dir": tmp_path / "data", "out_dir": tmp_path / "out", **overrides}
+    return [f"--{k}={v}" for k, v in settings.items()]
+
+
+def tiny_config(tmp_path, **overrides):
+    return gapt.load_config(tiny_args(tmp_path, **overrides))
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_dataset(str(tmp_path / "data"))
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def step_rows(out_dir):
+    return [r for r in read_log(out_dir) if "ce" in r]
+
+
+def load_ckpt(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+
+
+def run_gapt(*args, env=None, launcher=(sys.executable,)):
+    """gapt.py as a user runs it; returns the CompletedProcess."""
+    return subprocess.run([*launcher, os.path.join(HERE, "gapt.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+# -----------------------------------------------------------------------------
+# MBE
+# -----------------------------------------------------------------------------
+def reference_entropy(Z, alpha):
+    """Renyi entropy of the eigenvalues of K / tr(K), K = Z Z^T, in float64 numpy."""
+    K = Z @ Z.T
+    p = np.clip(np.linalg.eigvalsh(K / np.trace(K)), 0, None)
+    if alpha == 1:
+        p = p[p > 0]
+        return -(p * np.log(p)).sum()
+    return np.log((p ** alpha).sum()) / (1 - alpha)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1, 2, 3])
+def test_mbe_matches_an_independent_eigenvalue_computation(alpha):
+    Z = torch.randn(4, 6, 10, generator=torch.Generator().manual_seed(0))
+    expected = [reference_entropy(z.double().numpy(), alpha) for z in Z]
+    assert mbe(Z, alpha).tolist() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [1, 2, 3])
+def test_mbe_is_zero_when_all_rows_are_parallel(alpha):
+    Z = torch.outer(torch.tensor([1.0, -2.0, 3.0, 0.5]), torch.randn(7))  # rank 1
+    assert mbe(Z, alpha).item() == pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [1, 2, 3])
+def test_mbe_is_log_n_for_orthogonal_rows_of_equal_norm(alpha):
+    Z = 3.0 * torch.eye(8, 12)[torch.randperm(8)]
+    assert mbe(Z, alpha).item() == pytest.approx(math.log(8), rel=1e-5)
+
+
+def test_mbe_is_invariant_to_global_scale():
+    Z = torch.randn(3, 8, 16)
+    # down to the scale where the eps = 1e-5 guard inside the logs starts to matter
+    for scale in (0.1, 7.0, 1000.0):
+        assert torch.allclose(mbe(Z), mbe(scale * Z), rtol=1e-4)
+
+
+def test_mbe_of_bf16_input_is_computed_in_float32_even_under_autocast():
+    Z = torch.randn(5, 8, 64).bfloat16()
+    exact = mbe(Z.float())
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        result = mbe(Z)
+    assert result.dtype == torch.float32
+    assert torch.allclose(result, exact, rtol=1e-6)  # a bf16 Gram matrix is off by ~1e-3
+
+
+def test_mbe_of_a_zero_matrix_is_finite_and_has_finite_gradient():
+    Z = torch.zeros(2, 8, 4, requires_grad=True)
+    value = mbe(Z).sum()
+    value.backward()
+    assert torch.isfinite(value) and value.item() == 0.0
+    assert torch.isfinite(Z.grad).all()
+
+
+def test_patch_mbe_is_the_mean_of_mbe_over_patches():
+    h = torch.randn(2, 12, 5)
+    patches = [h[b, t:t + 4] for b in range(2) for t in range(0, 12, 4)]
+    expected = torch.stack([mbe(p) for p in patches]).mean()
+    assert torch.allclose(patch_mbe(h, 4), expected)
+
+
+def test_patch_mbe_rejects_a_length_that_is_not_a_multiple_of_the_patch():
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        patch_mbe(torch.randn(1, 10, 4), 4)
+
+
+# -----------------------------------------------------------------------------
+# The GAPT gate
+# -----------------------------------------------------------------------------
+class PseudoCodeGate:
+    """PAPER.md's pseudo-code, transcribed line by line in plain Python."""
+
+    def __init__(self, delta_ce, delta_mbe, patience_mem, patience_comp, tau):
+        self.d_ce, self.d_mbe, self.p_m, self.p_c, self.tau = delta_ce, delta_mbe, patience_mem, patience_comp, tau
+        self.phase, self.s_m, self.s_c, self.ce_min, self.mbe_min = 1, 0, 0, math.inf, math.inf
+
+    def step(self, ce, mbe):
+        if self.phase == 1:
+            self.s_m = 0 if ce < self.ce_min - self.d_ce else self.s_m + 1
+            self.ce_min = min(self.ce_min, ce)
+            if self.s_m >= self.p_m:
+                self.phase, self.s_c, self.ce_min, self.mbe_min = 2, 0, math.inf, math.inf
+        else:
+            self.ce_min = min(self.ce_min, ce)
+            if ce > (1 + self.tau) * self.ce_min:
+                self.phase, self.s_m = 1, 0
+            else:
+                self.s_c = 0 if mbe < self.mbe_min - self.d_mbe else self.s_c + 1
+                self.mbe_min = min(self.mbe_min, mbe)
+                if self.s_c >= self.p_c:
+                    self.phase, self.s_m = 1, 0
+        return self.phase
+
+
+def phases_of(gate, losses):
+    return [int(gate.step(ce, m)) for ce, m in losses]
+
+
+def test_gapt_switches_to_compression_exactly_after_patience_mem_steps_without_ce_progress():
+    gate = GAPT(delta_ce=0.01, patience_mem=3)
+    losses = [(5.0, 1.0), (4.0, 1.0), (3.995, 1.0), (3.999, 1.0), (3.991, 1.0), (3.0, 1.0)]
+    # 5.0 and 4.0 improve; 3.995 (< 0.01 better), 3.999 and 3.991 do not: the third of them switches
+    assert phases_of(gate, losses[:5]) == [1, 1, 1, 1, 2]
+
+
+def test_gapt_returns_to_memorization_when_ce_rises_above_one_plus_tau_times_its_minimum():
+    gate = GAPT(patience_mem=1, patience_comp=100, tau=0.1)
+    phases = phases_of(gate, [(2.0, 1.0), (2.0, 1.0), (1.0, 0.9), (1.09, 0.8), (1.11, 0.7)])
+    assert phases == [1, 2, 2, 2, 1]  # 1.09 <= 1.1 * 1.0 stays; 1.11 > 1.1 leaves
+
+
+def test_gapt_returns_to_memorization_when_mbe_plateaus_for_patience_comp_steps():
+    gate = GAPT(patience_mem=1, patience_comp=2, delta_mbe=0.002)
+    phases = phases_of(gate, [(2.0, 1.0), (2.0, 1.0), (2.0, 0.9), (2.0, 0.8), (2.0, 0.799), (2.0, 0.8)])
+    assert phases == [1, 2, 2, 2, 2, 1]  # 0.799 and 0.8 are not 0.002 below the best 0.8
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gapt_follows_the_pseudocode_on_random_loss_sequences(seed):
+    rng = np.random.default_rng(seed)
+    settings = dict(delta_ce=0.05, delta_mbe=0.02, patience_mem=3, patience_comp=4, tau=0.1)
+    gate, reference = GAPT(**settings), PseudoCodeGate(**settings)
+    # a slowly falling CE with plateaus and spikes, an MBE that wanders
+    ce = 4.0 - np.cumsum(rng.choice([0.0, 0.0, 0.03, 0.1], 400)) / 20 + rng.choice([0, 0, 0, 0.6], 400)
+    mbe_values = 1.5 + np.cumsum(rng.normal(0, 0.02, 400))
+    for c, m in zip(ce.tolist(), mbe_values.tolist()):
+        assert int(gate.step(c, m)) == reference.step(c, m)
+        assert gate.state_dict() == dict(phase=reference.phase, s_m=reference.s_m, s_c=reference.s_c,
+                                         ce_min=reference.ce_min, mbe_min=reference.mbe_min)
+    assert 0 < sum(p == 2 for p in phases_of(GAPT(**settings), zip(ce, mbe_values))) < 400  # both phases seen
+
+
+def test_gapt_state_round_trips_through_state_dict():
+    losses = [(3.0 - 0.001 * i, 1.0 + 0.01 * (i % 7)) for i in range(40)]
+    first = GAPT(patience_mem=5, patience_comp=5)
+    phases_of(first, losses[:20])
+    second = GAPT(patience_mem=5, patience_comp=5)
+    second.load_state_dict(first.state_dict())
+    assert second.state_dict() == first.state_dict()
+    assert phases_of(second, losses[20:]) == phases_of(first, losses[20:])
+
+
+# -----------------------------------------------------------------------------
+# The model and the three modes
+# -----------------------------------------------------------------------------
+def tiny_model(vocab_size=64, **kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=vocab_size, n_layer=3, n_head=2, n_embd=32, patch_size=4, **kw))
+
+
+def test_initial_loss_is_near_log_vocab():
+    model = tiny_model(vocab_size=512)
+    x, y = torch.randint(512, (8, 16)), torch.randint(512, (8, 16))
+    _, ce, mbe_blocks = model(x, y)
+    assert ce.item() == pytest.approx(math.log(512), rel=0.02)
+    assert mbe_blocks.shape == (3,) and (mbe_blocks >= 0).all() and (mbe_blocks <= math.log(4) + 1e-5).all()
+
+
+def test_a_tiny_model_overfits_one_batch():
+    model = tiny_model()
+    x, y = torch.randint(64, (4, 16)), torch.randint(64, (4, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        _, ce, _ = model(x, y)
+        optimizer.zero_grad()
+        ce.backward()
+        optimizer.step()
+    assert ce.item() < 0.1
+
+
+def test_generate_stops_once_every_row_has_emitted_the_stop_token():
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # all logits equal: greedy picks token 0 every time
+    out = model.generate(torch.ones(2, 3, dtype=torch.long), max_new_tokens=10, temperature=0, stop_token=0)
+    assert out.shape == (2, 4) and out[:, -1].tolist() == [0, 0]
+
+
+def grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("mode, phase, expected", [("baseline", 1, 0.0), ("baseline", 2, 0.0), ("iblm", 1, 0.5),
+                                                    ("iblm", 2, 0.5), ("gapt", 1, 0.0), ("gapt", 2, 0.5)])
+def test_mbe_weight_is_off_in_baseline_always_on_in_iblm_and_follows_the_gate_in_gapt(mode, phase, expected):
+    gate = GAPT()
+    gate.load_state_dict(dict(gate.state_dict(), phase=phase))
+    assert float(gapt.mbe_weight_for(mode, 0.5, gate)) == expected
+
+
+@pytest.mark.parametrize("weight, gets_mbe_gradient", [(0.0, False), (1.0, True), (torch.tensor(0.0), False),
+                                                       (torch.tensor(1.0), True)])
+def test_iblm_loss_adds_the_mbe_gradient_only_when_its_weight_is_on(weight, gets_mbe_gradient):
+    model = tiny_model()
+    x = torch.randint(64, (4, 16))
+    _, ce, mbe_blocks = model(x, x)
+    ce_only = grads(model, ce)
+    _, ce, mbe_blocks = model(x, x)
+    combined = grads(model, gapt.iblm_loss(ce, gapt.regularized_mbe(mbe_blocks, 1, 1), weight))
+    assert torch.equal(ce_only, combined) != gets_mbe_gradient
+
+
+def test_regularized_mbe_is_the_mean_of_the_middle_blocks():
+    blocks = torch.tensor([9.0, 1.0, 2.0, 3.0, 9.0, 9.0])
+    assert gapt.regularized_mbe(blocks, 1, 2).item() == 2.0
+
+
+# -----------------------------------------------------------------------------
+# Training runs (in-process, tiny)
+# -----------------------------------------------------------------------------
+def test_training_logs_steps_evaluations_and_writes_a_checkpoint(tmp_path, data):
+    result = gapt.train(tiny_config(tmp_path, mode="iblm"))
+    rows = read_log(tmp_path / "out")
+    steps = [r for r in rows if "ce" in r]
+    evals = [r for r in rows if r.get("event") == "eval"]
+    assert [r["iter"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert {"iter", "phase", "ce", "mbe", "lr", "tok_per_s"} <= set(steps[0])
+    assert [r["iter"] for r in evals] == [3, 6] and len(evals[0]["val_mbe_blocks"]) == 3
+    assert steps[-1]["ce"] < steps[0]["ce"]
+    ckpt = load_ckpt(tmp_path / "out")
+    assert ckpt["iter_num"] == 6 and ckpt["config"]["mode"] == "iblm"
+    assert torch.equal(ckpt["model"]["wte.weight"], result["model"].wte.weight)
+
+
+def test_gradient_accumulation_over_k_micro_steps_matches_one_big_batch(tmp_path, data):
+    """One optimizer step (plain SGD, so parameter change = -lr * gradient) with the IBLM loss."""
+    single = gapt.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    cfg = tiny_config(tmp_path, grad_clip=0.0)
+    starts = torch.randint(19000, (8,), generator=torch.Generator().manual_seed(0))
+    models = [tiny_model(vocab_size=32) for _ in range(2)]
+    stats = [gapt.train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), starts.view(k, 8 // k), 1.0, cfg,
+                             os.path.join(data, "train.bin"), nullcontext(), single)
+             for model, k in zip(models, (4, 1))]
+    assert torch.allclose(stats[0], stats[1], atol=1e-6)
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_gapt_mode_follows_its_gate_on_the_logged_losses(tmp_path, data):
+    settings = dict(delta_ce=0.5, delta_mbe=0.5, patience_mem=2, patience_comp=2, tau=0.1)
+    result = gapt.train(tiny_config(tmp_path, mode="gapt", max_iters=12, lr_decay_iters=12, **settings))
+    steps = step_rows(tmp_path / "out")
+    replay = GAPT(**settings)
+    expected = [1] + [int(replay.step(r["ce"], r["mbe"])) for r in steps[:-1]]
+    assert [r["phase"] for r in steps] == expected == result["phases"]
+    assert 2 in expected
+    changes = [r["iter"] for r in read_log(tmp_path / "out") if r.get("event") == "phase_change"]
+    assert changes == [r["iter"] for a, r in zip(steps, steps[1:]) if a["phase"] != r["phase"]]
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, data):
+    settings = dict(mode="gapt", dropout=0.1, patience_mem=1, patience_comp=2, delta_ce=0.5, delta_mbe=0.5)
+    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "straight", **settings))
+    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "halves", max_iters=3, **settings))
+    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "halves", init_from="resume", **settings))
+    straight, halves = step_rows(tmp_path / "straight"), step_rows(tmp_path / "halves")
+    assert [(r["iter"], r["ce"], r["mbe"], r["phase"]) for r in straight] == \
+           [(r["iter"], r["ce"], r["mbe"], r["phase"]) for r in halves]
+    a, b = load_ckpt(tmp_path / "straight"), load_ckpt(tmp_path / "halves")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["gapt"] == b["gapt"]
+
+
+def test_gradient_alignment_is_a_cosine_and_leaves_training_unchanged(tmp_path, data):
+    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "off", dropout=0.1, mode="iblm"))
+    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "on", dropout=0.1, mode="iblm", align_interval=2))
+    rows = [r for r in read_log(tmp_path / "on") if "align_cos" in r]
+    assert [r["iter"] for r in rows] == [0, 2, 4]
+    for r in rows:
+        assert -1 <= r["align_cos"] <= 1
+        assert r["align_cos_blocks"][-1] is None  # the top block is not regularized: no MBE gradient
+        assert all(-1 <= c <= 1 for c in r["align_cos_blocks"][:-1])
+    off, on = load_ckpt(tmp_path / "off"), load_ckpt(tmp_path / "on")
+    assert all(torch.equal(off["model"][k], on["model"][k]) for k in off["model"])
+    for s_off, s_on in zip(off["optimizer"]["state"].values(), on["optimizer"]["state"].values()):
+        assert torch.equal(s_off["exp_avg_sq"], s_on["exp_avg_sq"])
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    gapt.save_checkpoint(path, dict(iter_num=1, w=torch.ones(3)))
+
+    def crash_mid_write(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        gapt.save_checkpoint(path, dict(iter_num=2, w=torch.zeros(3)))
+    assert torch.load(path, weights_only=True)["iter_num"] == 1
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch):
+    real_loss = gapt.iblm_loss
+    calls = []
+
+    def loss_that_explodes(ce, mbe_reg, weight):
+        calls.append(1)
+        return real_loss(ce, mbe_reg, weight) * (math.nan if len(calls) > 8 else 1.0)  # step 5 onwards
+
+    monkeypatch.setattr(gapt, "iblm_loss", loss_that_explodes)
+    with pytest.raises(SystemExit, match="not finite|nan") as stop:
+        gapt.train(tiny_config(tmp_path, mode="iblm"))
+    assert "ckpt.pt" in str(stop.value)
+    assert load_ckpt(tmp_path / "out")["iter_num"] == 3
+
+
+def test_compiled_training_runs_on_cpu_without_recompiling_at_phase_changes(tmp_path, data):
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    result = gapt.train(tiny_config(tmp_path, compile=True, mode="gapt", max_iters=8, lr_decay_iters=8,
+                                    patience_mem=1, patience_comp=1, delta_ce=0.5, delta_mbe=0.5))
+    assert 1 in result["phases"] and 2 in result["phases"]
+    assert counters["stats"]["unique_graphs"] == 1  # one graph, compiled once, for both phases
+    assert all(math.isfinite(r["ce"]) for r in step_rows(tmp_path / "out"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
+def test_two_ddp_processes_stay_in_lockstep_and_match_a_single_process(tmp_path, data):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import gapt\n"
+        "result = gapt.train(gapt.load_config(sys.argv[1:]))\n"
+        "torch.save(dict(model=result['model'].state_dict(), phases=result['phases']),\n"
+        "           os.path.join(os.environ['RESULT_DIR'], f\"rank{os.environ['RANK']}.pt\"))\n")
+    settings = dict(mode="gapt", gradient_accumulation_steps=4, patience_mem=1, patience_comp=2,
+                    delta_ce=0.5, delta_mbe=0.5)
+    env = dict(os.environ, RESULT_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script),
+                           *tiny_args(tmp_path, out_dir=tmp_path / "ddp", **settings)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    single = gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "single", **settings))
+    assert rank0["phases"] == rank1["phases"] == single["phases"]
+    for name, p in single["model"].state_dict().items():
+        assert torch.equal(rank0["model"][name], rank1["model"][name])
+        assert torch.allclose(rank0["model"][name], p, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Bad input: a clear error, a non-zero exit, nothing written
+# -----------------------------------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("--colour=blue", "unknown config key 'colour'"),
+    ("--n_layer=2.5", "n_layer must be int"),
+    ("--block_size=18", "multiple of patch_size"),
+    ("--dataset=missing", "python prepare_data.py text"),
+    ("--mode=sometimes", "mode must be one of"),
+])
+def test_bad_input_exits_nonzero_with_a_clear_message_and_writes_nothing(tmp_path, data, override, message):
+    out_dir = tmp_path / "out"
+    done = run_gapt(*tiny_args(tmp_path), override)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert not out_dir.exists()
+
+
+def test_a_truncated_bin_file_is_refused_with_the_command_to_rebuild_it(tmp_path, data):
+    with open(os.path.join(data, "train.bin"), "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(SystemExit, match="meta.json says 20000.*prepare_data.py"):
+        gapt.train(tiny_config(tmp_path))
+
+
+def test_config_files_set_values_and_command_line_overrides_win(tmp_path):
+    config_file = tmp_path / "small.py"
+    config_file.write_text("n_layer = 6\nlearning_rate = 1e-3\nmode = 'iblm'\n")
+    cfg = gapt.load_config([str(config_file), "--mode=baseline", "--compile=False"])
+    assert (cfg["n_layer"], cfg["learning_rate"], cfg["mode"], cfg["compile"]) == (6, 1e-3, "baseline", False)
+
+
+# -----------------------------------------------------------------------------
+# The conflicting-memories toy (--task=forgetting)
+# -----------------------------------------------------------------------------
+def toy_config(**overrides):
+    # few steps and short patience so the gate really switches within the run
+    cfg = {**gapt.DEFAULTS, "forget_steps": 16, "forget_eval_interval": 8, "forget_n_eval": 64,
+           "forget_patience_mem": 2, "forget_patience_comp": 2}
+    return {**cfg, **overrides}
+
+
+def test_forgetting_tasks_have_expected_shapes_and_mirrored_inputs():
+    tasks = gapt.make_forgetting_tasks(0, n_train=320, n_eval=1000)
+    for task in (1, 2):
+        assert tasks[f"x{task}_train"].shape == (320, 10) and tasks[f"y{task}_train"].shape == (320, 10)
+        assert tasks[f"x{task}_eval"].shape == (1000, 10) and tasks[f"y{task}_eval"].shape == (1000, 10)
+    assert tasks["theta0"]["fc.weight"].shape == (20, 10) and tasks["theta0"]["proj.weight"].shape == (10, 20)
+    m1, m2 = tasks["x1_eval"].mean(0), tasks["x2_eval"].mean(0)
+    ones, zeros = torch.ones(5), torch.zeros(5)
+    assert torch.allclose(m1[:5], ones, atol=0.05) and torch.allclose(m1[5:], zeros, atol=0.05)
+    assert torch.allclose(m2[:5], zeros, atol=0.05) and torch.allclose(m2[5:], ones, atol=0.05)
+    assert abs(tasks["x1_eval"][:, 0].std().item() - 0.25) < 0.03
+
+
+def test_same_seed_gives_identical_tasks_and_other_seed_differs():
+    a, b = gapt.make_forgetting_tasks(3, n_train=64), gapt.make_forgetting_tasks(3, n_train=64)
+    c = gapt.make_forgetting_tasks(4, n_train=64)
+    for k in a:
+        if k == "theta0":
+            assert all(torch.equal(a[k][n], b[k][n]) for n in a[k])
+        else:
+            assert torch.equal(a[k], b[k])
+    assert not torch.equal(a["y1_train"], c["y1_train"])
+
+
+def test_eval_set_does_not_depend_on_training_stream_length():
+    short, long = gapt.make_forgetting_tasks(0, n_train=64), gapt.make_forgetting_tasks(0, n_train=640)
+    assert torch.equal(short["x2_eval"], long["x2_eval"])
+
+
+def test_shift_is_low_rank_and_scaled_between_half_and_five_times_the_weights():
+    theta = gapt.random_init(torch.Generator().manual_seed(0))
+    dtheta = gapt.random_shift(theta, torch.Generator().manual_seed(1))
+    for name, p in theta.items():
+        ratio = (dtheta[name].norm() / p.norm()).item()
+        assert 0.5 <= ratio <= 5.0
+        if p.dim() == 2:
+            assert torch.linalg.matrix_rank(dtheta[name]).item() <= 3
+
+
+def test_separation_of_hand_made_clusters_matches_definition():
+    # cluster 1 = {e1 + s e2, e1 - s e2}, cluster 2 = {-e1 + s e2, -e1 - s e2}:
+    # mu1 = e1, mu2 = -e1, between = 2; every point is s away from its mean, within = s^2;
+    # gapt.separation = 2 / s
+    s = 0.5
+    e1, e2 = torch.eye(3)[0], torch.eye(3)[1]
+    h1 = torch.stack([e1 + s * e2, e1 - s * e2])
+    h2 = torch.stack([-e1 + s * e2, -e1 - s * e2])
+    assert math.isclose(gapt.separation(h1, h2), 2 / s, rel_tol=1e-6)
+
+
+def test_separation_ignores_common_shift_and_scale():
+    g = torch.Generator().manual_seed(0)
+    h1, h2 = torch.randn(50, 20, generator=g), torch.randn(70, 20, generator=g) + 1
+    assert math.isclose(gapt.separation(h1, h2), gapt.separation(3 * h1 + 7, 3 * h2 + 7), rel_tol=1e-5)
+
+
+def test_every_mode_and_schedule_completes_a_short_run_with_finite_metrics():
+    tasks = gapt.make_forgetting_tasks(0, n_train=16 * 32, n_eval=64)
+    cfg = toy_config()
+    for schedule in gapt.FORGET_SCHEDULES:
+        for mode in gapt.FORGET_MODES:
+            r = gapt.train_forgetting(tasks, mode, schedule, cfg)
+            for k in ("separation", "loss1", "loss2", "mbe"):
+                assert math.isfinite(r[k]), (mode, schedule, k)
+            assert (r["forgetting"] is not None) == (schedule == "sequential")
+            assert len(r["phase"]) == 32 and r["curve"]["step"] == [0, 8, 16, 24, 32]
+            expected = {"baseline": (0.0, 0.0), "iblm": (1.0, 1.0), "gapt": (1e-9, 1 - 1e-9)}[mode]
+            assert expected[0] <= r["frac_compression"] <= expected[1], (mode, r["frac_compression"])
+
+
+def test_modes_differ_only_by_the_mbe_weight():
+    # iblm with lambda = 0 must reproduce the baseline bit for bit: same start, data and batches
+    tasks = gapt.make_forgetting_tasks(1, n_train=16 * 32, n_eval=64)
+    base = gapt.train_forgetting(tasks, "baseline", "mixed", toy_config())
+    iblm0 = gapt.train_forgetting(tasks, "iblm", "mixed", toy_config(forget_mbe_weight=0.0))
+    assert base["curve"] == iblm0["curve"]
+
+
+def test_run_forgetting_writes_json_with_every_seed_mode_and_schedule(tmp_path, capsys):
+    result = gapt.run_forgetting(toy_config(forget_seeds=2, out_dir=str(tmp_path)))
+    with open(tmp_path / "forgetting.json") as f:
+        saved = json.load(f)
+    assert len(saved["runs"]) == 2 * len(gapt.FORGET_MODES) * len(gapt.FORGET_SCHEDULES)
+    gapt_seq = result["summary"]["sequential"]["gapt"]
+    assert saved["summary"]["sequential"]["gapt"]["separation"] == list(gapt_seq["separation"])
+    assert "paper" in capsys.readouterr().out
+
+
+def test_the_forgetting_task_runs_from_the_command_line(tmp_path):
+    done = run_gapt("--task=forgetting", "--forget_seeds=1", "--forget_steps=16", "--forget_eval_interval=8",
+                    "--forget_n_eval=64", f"--out_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    assert "separation" in done.stdout and (tmp_path / "forgetting.json").exists()
