@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
 # Config
@@ -39,7 +41,8 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 DEFAULTS = dict(
     # what to run
-    task="pretrain",  # 'pretrain' (language modelling) or 'forgetting' (the toy of the paper)
+    task="pretrain",  # 'pretrain' (language modelling), 'forgetting' (the toy of the paper) or 'bench'
+
     mode="gapt",  # 'baseline' (CE only), 'iblm' (CE + lambda*MBE always) or 'gapt' (gated)
     # I/O
     out_dir="out",  # checkpoint ckpt.pt and log.jsonl go here
@@ -101,6 +104,9 @@ DEFAULTS = dict(
     forget_patience_mem=70,     # gate: steps without L1 progress before compressing
     forget_patience_comp=70,    # gate: steps without MBE progress before memorizing again
     forget_tau=0.1,             # gate: relative L1 rise that aborts compression (paper's value)
+    # the benchmark (--task=bench): training steps timed side by side, no eval, no checkpoints
+    bench_steps=20,  # timed optimizer steps per variant per round
+    bench_rounds=5,  # rounds; variants take turns within a round and the median round is reported
     # system
     device="auto",  # 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype="auto",  # 'auto' (bfloat16 on CUDA, float32 elsewhere), 'bfloat16' or 'float32'
@@ -109,7 +115,7 @@ DEFAULTS = dict(
 )
 
 CHOICES = dict(
-    task=("pretrain", "forgetting"),
+    task=("pretrain", "forgetting", "bench"),
     mode=("baseline", "iblm", "gapt"),
     init_from=("scratch", "resume"),
     dtype=("auto", "bfloat16", "float32"),
@@ -120,7 +126,7 @@ class ConfigError(SystemExit):
     """Bad configuration: exits non-zero with a message naming the key, before anything is written."""
 
     def __init__(self, message):
-        super().__init__(f"gapt.py: {message}")
+        super().__init__(f"{os.path.basename(sys.argv[0])}: {message}")  # gapt.py or sample.py
 
 
 def coerce(key, value, default):
@@ -145,8 +151,9 @@ def parse_value(text, default):
         return text  # coerce() reports the type mismatch with the key's name
 
 
-def load_config(argv, defaults=DEFAULTS):
-    """Defaults, then config files (python files of assignments) in order, then --key=value."""
+def parse_config(argv, defaults):
+    """Defaults, then config files (python files of assignments) in order, then --key=value.
+    Unknown keys and wrong types are errors. sample.py parses its own options with it too."""
     cfg = dict(defaults)
     for arg in argv:
         if arg.startswith("--"):
@@ -162,8 +169,13 @@ def load_config(argv, defaults=DEFAULTS):
             updates = {k: v for k, v in namespace.items() if not k.startswith("_")}
         for key, value in updates.items():
             if key not in cfg:
-                raise ConfigError(f"unknown config key {key!r} (see DEFAULTS at the top of gapt.py)")
+                raise ConfigError(f"unknown config key {key!r} (the keys are the defaults at the top of the script)")
             cfg[key] = coerce(key, value, defaults[key])
+    return cfg
+
+
+def load_config(argv):
+    cfg = parse_config(argv, DEFAULTS)
     validate_config(cfg)
     return cfg
 
@@ -615,7 +627,6 @@ def setup_distributed(cfg):
     """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process."""
     if "RANK" not in os.environ:
         return Dist(0, 0, 1, resolve_device(cfg["device"]))
-    import torch.distributed as dist
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = resolve_device(cfg["device"], local_rank)
     if device.type == "cuda":
@@ -627,7 +638,6 @@ def setup_distributed(cfg):
 def all_reduce_mean(tensor, dist_info):
     """Average over processes (gloo has no AVG op, so SUM then divide)."""
     if dist_info.ddp:
-        import torch.distributed as dist
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor /= dist_info.world_size
     return tensor
@@ -636,7 +646,6 @@ def all_reduce_mean(tensor, dist_info):
 def gather_from_ranks(obj, dist_info):
     if not dist_info.ddp:
         return [obj]
-    import torch.distributed as dist
     gathered = [None] * dist_info.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
@@ -784,8 +793,12 @@ def load_answer_sets(cfg, meta):
     for split in ("val", "val_ood"):
         path = os.path.join(cfg["data_dir"], cfg["dataset"], f"{split}.bin")
         if os.path.exists(path):
-            examples = split_examples(np.fromfile(path, dtype=np.uint16), meta["eot_token"])
-            answer_sets[split] = (examples[:cfg["answer_eval_examples"]], meta["tokenizer"].index("="))
+            examples = split_examples(np.fromfile(path, dtype=np.uint16), meta["eot_token"])[:cfg["answer_eval_examples"]]
+            longest = max(len(e) for e in examples)
+            if longest - 1 > cfg["block_size"]:
+                raise ConfigError(f"block_size ({cfg['block_size']}) is too short for the {split} examples of "
+                                  f"'{cfg['dataset']}' ({longest} tokens); use at least {longest - 1}")
+            answer_sets[split] = (examples, meta["tokenizer"].index("="))
     return answer_sets
 
 
@@ -910,7 +923,6 @@ def train(cfg):
     # the training graph: compiled once; evaluation and alignment use the plain module `model`
     train_model = torch.compile(model) if cfg["compile"] else model
     if dist_info.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
 
     n_train = os.path.getsize(paths["train"]) // 2
@@ -971,9 +983,113 @@ def train(cfg):
                         best_val_loss=best_val_loss, gapt=gate.state_dict(), rng=rngs))
             t_log = time.time()  # evaluation time is not training time
     if dist_info.ddp:
-        import torch.distributed as dist
         dist.destroy_process_group()
     return dict(model=model, gate=gate, phases=phases)
+
+
+# -----------------------------------------------------------------------------
+# Benchmark (--task=bench): what MBE, the gate and the alignment measurement cost.
+# Variants take turns in rounds inside one process, so machine noise hits them alike, and each
+# is reported as a ratio to the baseline step. Random tokens: no dataset needed.
+# -----------------------------------------------------------------------------
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_variants(cfg, model, optimizer, token_path, autocast_ctx, dist_info, micro_steps, n_tokens):
+    """name -> function running one optimizer step of that variant (or one alignment measurement)."""
+    data_gen = torch.Generator().manual_seed(cfg["seed"])
+    # a gate held in compression: it still runs its update every step, as in a real GAPT run
+    gate = GAPT(patience_comp=2 ** 62, tau=math.inf, device=dist_info.device)
+    gate.load_state_dict(dict(gate.state_dict(), phase=2))
+
+    def draw():
+        return draw_step_windows(data_gen, n_tokens, micro_steps, cfg["batch_size"], cfg["block_size"],
+                                 dist_info.rank, dist_info.world_size)
+
+    def baseline_step():
+        train_step(model, optimizer, draw(), 0.0, cfg, token_path, autocast_ctx, dist_info)
+
+    def compression_step():
+        weight = mbe_weight_for("gapt", cfg["mbe_weight"], gate)
+        stats = train_step(model, optimizer, draw(), weight, cfg, token_path, autocast_ctx, dist_info)
+        gate.step(stats[0], stats[1])
+
+    def alignment():
+        measure_alignment(model.raw, draw()[0], cfg, token_path, autocast_ctx, dist_info)
+
+    return {"baseline (CE only)": baseline_step, "gapt, compression phase": compression_step,
+            "alignment measurement (one)": alignment}
+
+
+def run_bench(cfg):
+    dist_info = setup_distributed(cfg)
+    device = dist_info.device
+    micro_steps = cfg["gradient_accumulation_steps"] // dist_info.world_size
+    torch.manual_seed(cfg["seed"])
+    model = GPT(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    token_path = os.path.join(cfg["out_dir"], f"bench_tokens_rank{dist_info.rank}.bin")
+    n_tokens = 64 * cfg["block_size"]
+    np.random.default_rng(cfg["seed"]).integers(cfg["vocab_size"], size=n_tokens, dtype=np.uint16).tofile(token_path)
+    train_model = torch.compile(model) if cfg["compile"] else model
+    if dist_info.ddp:
+        train_model = DDP(train_model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+    train_model.raw = model  # for the alignment measurement, which runs on the bare module
+    variants = bench_variants(cfg, train_model, optimizer, token_path, autocast_context(cfg, device), dist_info,
+                              micro_steps, n_tokens)
+    for run_step in variants.values():  # warm-up: compilation and allocator caches
+        for _ in range(3):
+            run_step()
+    timings = {name: [] for name in variants}
+    for round_num in range(cfg["bench_rounds"]):
+        order = list(variants.items())
+        for name, run_step in order if round_num % 2 == 0 else order[::-1]:  # no variant always goes first
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(cfg["bench_steps"]):
+                run_step()
+            synchronize(device)
+            timings[name].append((time.perf_counter() - t0) / cfg["bench_steps"])
+    return report_bench(cfg, model, timings, dist_info)
+
+
+def report_bench(cfg, model, timings, dist_info):
+    device = dist_info.device
+    tokens_per_step = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    peak = peak_flops(device)
+    medians = {name: float(np.median(times)) for name, times in timings.items()}
+    base = medians["baseline (CE only)"]
+    if cfg["align_interval"]:  # one measurement every align_interval steps of a baseline run, spread over them
+        medians[f"baseline + alignment every {cfg['align_interval']}"] = (
+            base + medians["alignment measurement (one)"] / cfg["align_interval"])
+    rows = []
+    for name, dt in medians.items():
+        times = timings.get(name, [dt])
+        row = dict(variant=name, ms_per_step=round(1000 * dt, 2))
+        if name != "alignment measurement (one)":  # not a training step: no throughput
+            row["tok_per_s"] = round(tokens_per_step / dt)
+        row.update(ratio_to_baseline=round(dt / base, 4), spread_ms=round(1000 * (max(times) - min(times)), 2))
+        if peak and "tok_per_s" in row:
+            row["mfu"] = round(flops_per_token(model) * tokens_per_step / dt / (peak * dist_info.world_size), 4)
+        rows.append(row)
+    summary = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+                   world_size=dist_info.world_size, compile=cfg["compile"], params=model.num_params(),
+                   tokens_per_step=tokens_per_step, rows=rows)
+    if device.type == "cuda":
+        summary["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    if dist_info.master:
+        print(f"{summary['device']}, {dist_info.world_size} process(es), compile={cfg['compile']}, "
+              f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_step:,} tokens per step")
+        for row in rows:
+            print(format_row(row))
+        with open(os.path.join(cfg["out_dir"], "bench.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    if dist_info.ddp:
+        dist.destroy_process_group()
+    return summary
 
 
 # -----------------------------------------------------------------------------
@@ -1233,9 +1349,8 @@ def run_forgetting(cfg):
 # -----------------------------------------------------------------------------
 def main(argv=None):
     cfg = load_config(sys.argv[1:] if argv is None else argv)
-    if cfg["task"] == "forgetting":
-        return run_forgetting(cfg)
-    return train(cfg)
+    tasks = dict(pretrain=train, forgetting=run_forgetting, bench=run_bench)
+    return tasks[cfg["task"]](cfg)
 
 
 if __name__ == "__main__":

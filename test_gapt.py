@@ -8,13 +8,20 @@ import math
 import os
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import tiktoken
 import torch
+import torch.nn.functional as F
 
 import gapt
+import prepare_data
+import sample
 from gapt import GAPT, GPT, GPTConfig, mbe, patch_mbe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -451,6 +458,13 @@ def test_a_truncated_bin_file_is_refused_with_the_command_to_rebuild_it(tmp_path
         gapt.train(tiny_config(tmp_path))
 
 
+def test_arithmetic_data_with_examples_longer_than_the_context_is_refused(tmp_path):
+    prepare_data.main(["arithmetic", "--n_train", "500", "--n_val", "30", "--data_dir", str(tmp_path / "data")])
+    with pytest.raises(SystemExit, match="block_size .16. is too short for the val_ood examples"):
+        gapt.train(tiny_config(tmp_path, dataset="arithmetic"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_config_files_set_values_and_command_line_overrides_win(tmp_path):
     config_file = tmp_path / "small.py"
     config_file.write_text("n_layer = 6\nlearning_rate = 1e-3\nmode = 'iblm'\n")
@@ -561,3 +575,561 @@ def test_the_forgetting_task_runs_from_the_command_line(tmp_path):
                     "--forget_n_eval=64", f"--out_dir={tmp_path}")
     assert done.returncode == 0, done.stderr
     assert "separation" in done.stdout and (tmp_path / "forgetting.json").exists()
+
+
+# -----------------------------------------------------------------------------
+# The benchmark (--task=bench)
+# -----------------------------------------------------------------------------
+def test_the_benchmark_times_every_variant_against_the_baseline(tmp_path):
+    summary = gapt.run_bench(tiny_config(tmp_path, task="bench", bench_steps=2, bench_rounds=2, align_interval=2,
+                                         vocab_size=32))
+    names = [row["variant"] for row in summary["rows"]]
+    assert names == ["baseline (CE only)", "gapt, compression phase", "alignment measurement (one)",
+                     "baseline + alignment every 2"]
+    assert summary["rows"][0]["ratio_to_baseline"] == 1.0
+    baseline, _, one_alignment, amortized = (row["ms_per_step"] for row in summary["rows"])
+    assert amortized == pytest.approx(baseline + one_alignment / 2, abs=0.02)
+    assert all(row["ms_per_step"] > 0 for row in summary["rows"]) and "tok_per_s" not in summary["rows"][2]
+    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert saved["rows"] == summary["rows"]
+
+
+# -----------------------------------------------------------------------------
+# Data: prepare_data.py
+# -----------------------------------------------------------------------------
+EOT = 50256
+DOCS = [  # varied documents: unicode, newlines, an empty one, and the eot marker written as plain text
+    "hello world", "Ça va? 日本語のテキスト 🙂", "line one\nline two\n", "", "a <|endoftext|> b",
+    *[f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 7 + 1) for i in range(40)],
+]
+NONEMPTY = [d for d in DOCS if d]
+
+
+def prepare(tmp_path, *args):
+    prepare_data.main([*args, "--data_dir", str(tmp_path / "data")])
+
+
+def read_bin(path):
+    return np.fromfile(path, dtype=np.uint16).tolist()
+
+
+def expected_tokens(docs):
+    enc = prepare_data.tokenizer()
+    return [t for d in docs for t in enc.encode_ordinary(d) + [EOT]]
+
+
+def split_docs(docs, val_every):
+    """The documented split rule with an unbounded --val_tokens: document i goes to val iff i % val_every == 0."""
+    return ([d for i, d in enumerate(docs) if i % val_every != 0],
+            [d for i, d in enumerate(docs) if i % val_every == 0])
+
+
+def write_jsonl(path, docs, column="text"):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"id": i, column: d}) + "\n")
+
+
+def files_under(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+
+
+# ---- tokenizer and text datasets ----
+
+def test_tiktoken_gpt2_known_answer():
+    enc = prepare_data.tokenizer()
+    assert enc.encode_ordinary("hello world") == [31373, 995]
+    assert (enc.n_vocab, enc.eot_token) == (50257, EOT)
+
+
+def test_text_jsonl_tokens_decode_back_to_documents(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", DOCS[:20])
+    write_jsonl(tmp_path / "b.jsonl", DOCS[20:])
+    prepare(tmp_path, "text", "--files", str(tmp_path / "*.jsonl"), "--name", "docs", "--val_every", "3",
+            "--num_proc", "2")
+    out = tmp_path / "data" / "docs"
+    train_docs, val_docs = split_docs(NONEMPTY, 3)  # the empty document is skipped
+    enc = prepare_data.tokenizer()
+    for split, docs in [("train", train_docs), ("val", val_docs)]:
+        tokens = read_bin(out / f"{split}.bin")
+        assert tokens == expected_tokens(docs)
+        assert enc.decode(tokens) == "".join(d + "<|endoftext|>" for d in docs)
+        assert tokens.count(EOT) == len(docs)  # the literal "<|endoftext|>" in a document is plain text
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta == {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": EOT, "dtype": "uint16",
+                    "tokens": {"train": len(expected_tokens(train_docs)), "val": len(expected_tokens(val_docs))},
+                    "command": meta["command"]}
+    assert meta["command"].startswith("python prepare_data.py text --files ")
+    assert files_under(tmp_path / "data") == ["docs/meta.json", "docs/train.bin", "docs/val.bin"]
+
+
+def test_text_parquet_tokens_decode_back_to_documents(tmp_path):
+    pq.write_table(pa.table({"content": DOCS, "n": list(range(len(DOCS)))}), tmp_path / "docs.parquet")
+    prepare(tmp_path, "text", "--files", str(tmp_path / "docs.parquet"), "--name", "pq",
+            "--text_column", "content", "--val_every", "4", "--num_proc", "1")
+    train_docs, val_docs = split_docs(NONEMPTY, 4)
+    assert read_bin(tmp_path / "data/pq/train.bin") == expected_tokens(train_docs)
+    assert read_bin(tmp_path / "data/pq/val.bin") == expected_tokens(val_docs)
+
+
+def test_text_txt_paragraphs_are_documents(tmp_path):
+    paragraphs = ["First Citizen:\nBefore we proceed any further, hear me speak.", "All:\nSpeak, speak.",
+                  "First Citizen:\nYou are all resolved rather to die than to famish?", "All:\nResolved."]
+    (tmp_path / "play.txt").write_text("\n\n".join(paragraphs) + "\n")
+    prepare(tmp_path, "text", "--files", str(tmp_path / "play.txt"), "--name", "play", "--val_every", "2")
+    enc = prepare_data.tokenizer()
+    train, val = read_bin(tmp_path / "data/play/train.bin"), read_bin(tmp_path / "data/play/val.bin")
+    # paragraphs 0 and 2 go to val; the file's final newline stays with the last paragraph
+    assert enc.decode(val) == f"{paragraphs[0]}<|endoftext|>{paragraphs[2]}<|endoftext|>"
+    assert enc.decode(train) == f"{paragraphs[1]}<|endoftext|>{paragraphs[3]}\n<|endoftext|>"
+
+
+def test_text_txt_sample_by_document_makes_each_file_a_document(tmp_path):
+    for i in range(4):
+        (tmp_path / f"book{i}.txt").write_text(f"Book {i}.\n\nIts second paragraph.\n")
+    prepare(tmp_path, "text", "--files", str(tmp_path / "book*.txt"), "--name", "books", "--val_every", "2",
+            "--sample_by", "document")
+    enc = prepare_data.tokenizer()
+    assert enc.decode(read_bin(tmp_path / "data/books/val.bin")) == "".join(
+        f"Book {i}.\n\nIts second paragraph.\n<|endoftext|>" for i in (0, 2))
+
+
+def test_max_tokens_is_honoured_and_keeps_a_prefix_of_the_full_run(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", DOCS)
+    common = ["text", "--files", str(tmp_path / "d.jsonl"), "--val_every", "5", "--val_tokens", "100"]
+    prepare(tmp_path, *common, "--name", "full")
+    prepare(tmp_path, *common, "--name", "cut", "--max_tokens", "333")
+    meta = json.loads((tmp_path / "data/cut/meta.json").read_text())
+    assert meta["tokens"]["train"] + meta["tokens"]["val"] == 333
+    for split in ["train", "val"]:
+        cut, full = read_bin(tmp_path / f"data/cut/{split}.bin"), read_bin(tmp_path / f"data/full/{split}.bin")
+        assert len(cut) == meta["tokens"][split] and cut == full[:len(cut)]
+
+
+def test_split_is_by_whole_documents_until_val_tokens_and_deterministic(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", DOCS)
+    args = ["text", "--files", str(tmp_path / "d.jsonl"), "--name", "d", "--val_every", "2", "--val_tokens", "50"]
+    prepare(tmp_path, *args)
+    first = {s: (tmp_path / f"data/d/{s}.bin").read_bytes() for s in ["train", "val"]}
+    # val takes documents 0, 2, 4, ... whole, and stops taking them once it holds 50 tokens
+    val_docs, n = [], 0
+    for d in NONEMPTY[::2]:
+        if n >= 50:
+            break
+        val_docs.append(d)
+        n += len(expected_tokens([d]))
+    assert read_bin(tmp_path / "data/d/val.bin") == expected_tokens(val_docs)
+    assert read_bin(tmp_path / "data/d/train.bin") == expected_tokens([d for d in NONEMPTY if d not in val_docs])
+    prepare(tmp_path, *args)  # re-running the same command is safe and gives the same bytes
+    assert {s: (tmp_path / f"data/d/{s}.bin").read_bytes() for s in ["train", "val"]} == first
+
+
+def test_spawned_worker_processes_tokenize_the_same(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", DOCS)
+    script = (f"import multiprocessing, sys; sys.path.insert(0, {HERE!r}); import prepare_data; "
+              f"multiprocessing.set_start_method('spawn'); prepare_data.main(['text', '--files', "
+              f"{str(tmp_path / 'd.jsonl')!r}, '--name', 'd', '--num_proc', '2', '--data_dir', {str(tmp_path / 'data')!r}])")
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    train_docs, _ = split_docs(NONEMPTY, 10)
+    assert read_bin(tmp_path / "data/d/train.bin") == expected_tokens(train_docs)
+
+
+# ---- bad inputs: a one-line error, a non-zero exit, nothing half-written ----
+
+def assert_fails(tmp_path, message, *args):
+    with pytest.raises(SystemExit) as e:
+        prepare(tmp_path, *args)
+    assert str(e.value).startswith("prepare_data.py: ") and message in str(e.value)
+    assert not (tmp_path / "data").exists()
+
+
+def test_no_matching_files_is_an_error(tmp_path):
+    assert_fails(tmp_path, "no files match", "text", "--files", str(tmp_path / "nothing*.jsonl"), "--name", "x")
+
+
+def test_missing_text_column_is_an_error(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", DOCS, column="body")
+    assert_fails(tmp_path, "no column 'text'", "text", "--files", str(tmp_path / "d.jsonl"), "--name", "x")
+
+
+def test_token_ids_beyond_uint16_are_refused(tmp_path, monkeypatch):
+    class BigTokenizer:  # like cl100k_base: its ids do not fit the uint16 .bin format
+        n_vocab = 100_277
+    monkeypatch.setattr(prepare_data, "tokenizer", BigTokenizer)
+    write_jsonl(tmp_path / "d.jsonl", DOCS)
+    assert_fails(tmp_path, "do not fit the uint16", "text", "--files", str(tmp_path / "d.jsonl"), "--name", "x")
+
+
+def test_max_tokens_below_val_tokens_is_an_error(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", DOCS)
+    assert_fails(tmp_path, "smaller than the validation slice", "text", "--files", str(tmp_path / "d.jsonl"),
+                 "--name", "x", "--max_tokens", "100", "--val_tokens", "200")
+
+
+def test_failure_while_writing_keeps_the_previous_files_and_leaves_no_temp(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "d.jsonl", DOCS)
+    args = ["text", "--files", str(tmp_path / "d.jsonl"), "--name", "d"]
+    prepare(tmp_path, *args)
+    before = {name: (tmp_path / "data/d" / name).read_bytes() for name in ["train.bin", "val.bin", "meta.json"]}
+
+    def texts_then_crash(ds, column):
+        yield from NONEMPTY[:30]
+        raise RuntimeError("connection lost mid-stream")
+    monkeypatch.setattr(prepare_data, "document_texts", texts_then_crash)
+    with pytest.raises(RuntimeError, match="mid-stream"):
+        prepare(tmp_path, *args, "--num_proc", "1")
+    assert files_under(tmp_path / "data") == ["d/meta.json", "d/train.bin", "d/val.bin"]
+    assert {name: (tmp_path / "data/d" / name).read_bytes() for name in before} == before
+
+
+def test_single_document_leaves_train_empty_and_writes_nothing(tmp_path):
+    (tmp_path / "one.txt").write_text("just one paragraph\n")
+    with pytest.raises(SystemExit, match="train split is empty"):
+        prepare(tmp_path, "text", "--files", str(tmp_path / "one.txt"), "--name", "one")
+    assert files_under(tmp_path / "data") == []
+
+
+def cli(tmp_path, *args, **env):
+    return subprocess.run([sys.executable, os.path.join(HERE, "prepare_data.py"), *args], cwd=tmp_path,
+                          capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["offline_mode", "connection_refused"])
+def test_hub_unreachable_fails_fast_and_says_how_to_use_local_files(tmp_path, env):
+    start = time.time()
+    result = cli(tmp_path, "fineweb", "--max_tokens", "1000", "--val_tokens", "100", **env)
+    assert result.returncode != 0 and time.time() - start < 30
+    assert "cannot reach 'HuggingFaceFW/fineweb'" in result.stderr
+    assert "prepare_data.py text --files" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_help_documents_every_option_with_its_default(tmp_path):
+    result = cli(tmp_path, "--help")
+    assert result.returncode == 0
+    help_text = " ".join(result.stdout.split())  # argparse wraps lines at the terminal width
+    defaults = {"--data_dir": "data", "--text_column": "text", "--max_tokens": None, "--val_tokens": 10_000_000,
+                "--val_every": 10, "--num_proc": os.cpu_count(), "--hf_id": "HuggingFaceFW/fineweb",
+                "--name": "sample-10BT", "--dataset": "fineweb", "--sample_by": "paragraph",
+                "--n_train": 1_000_000, "--n_val": 10_000, "--seed": 0}
+    for option, default in defaults.items():
+        assert f"{option} " in help_text and f"(default: {default})" in help_text
+    assert "--files FILES [FILES ...]" in help_text
+
+
+# ---- arithmetic ----
+
+def arithmetic_lines(out, split):
+    chars = json.loads((out / "meta.json").read_text())["tokenizer"]
+    text = "".join(chars[i] for i in read_bin(out / f"{split}.bin"))
+    assert text.endswith("\n")
+    return text[:-1].split("\n")
+
+
+@pytest.fixture(scope="module")
+def arithmetic(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("arith")
+    prepare(tmp_path, "arithmetic", "--n_train", "20000", "--n_val", "2000", "--seed", "3")
+    return tmp_path / "data/arithmetic"
+
+
+def test_arithmetic_every_line_is_a_correct_product_with_the_split_digit_ranges(arithmetic):
+    for split, (lo, hi), n in [("train", (1, 3), 20000), ("val", (1, 3), 2000), ("val_ood", (4, 6), 2000)]:
+        lines = arithmetic_lines(arithmetic, split)
+        assert len(lines) == n
+        operands = []
+        for line in lines:
+            prompt, c = line.split("=")
+            a, b = prompt.split("*")
+            assert int(c) == int(a) * int(b) and str(int(c)) == c
+            assert str(int(a)) == a and str(int(b)) == b  # plain decimal, no leading zeros
+            operands += [a, b]
+        digit_share = np.bincount([len(x) for x in operands], minlength=hi + 1)[lo:] / len(operands)
+        assert np.all(digit_share > 0.1)
+        if split != "train":  # train is skewed on purpose: it never shows a val example, e.g. any 1-digit * 1-digit
+            # the digit count is drawn uniformly first (uniform numbers would make nearly all of them hi digits)
+            assert np.allclose(digit_share, 1 / (hi - lo + 1), atol=0.03)
+    assert "0" in operands_of(arithmetic, "train")  # 0 is one of the ten 1-digit numbers
+
+
+def operands_of(out, split):
+    return {x for line in arithmetic_lines(out, split) for x in line.split("=")[0].split("*")}
+
+
+def test_arithmetic_heldout_examples_never_appear_in_train(arithmetic):
+    train = set(arithmetic_lines(arithmetic, "train"))
+    assert not train & set(arithmetic_lines(arithmetic, "val"))
+    assert not train & set(arithmetic_lines(arithmetic, "val_ood"))
+
+
+def test_arithmetic_meta_matches_the_files(arithmetic):
+    meta = json.loads((arithmetic / "meta.json").read_text())
+    assert meta["tokenizer"] == list("0123456789*=\n") and meta["vocab_size"] == 13 and meta["eot_token"] == 12
+    assert meta["dtype"] == "uint16"
+    assert meta["tokens"] == {s: os.path.getsize(arithmetic / f"{s}.bin") // 2 for s in ["train", "val", "val_ood"]}
+    assert meta["command"].startswith("python prepare_data.py arithmetic --n_train 20000")
+
+
+def test_arithmetic_same_seed_gives_identical_files(tmp_path, arithmetic):
+    prepare(tmp_path / "same", "arithmetic", "--n_train", "20000", "--n_val", "2000", "--seed", "3")
+    prepare(tmp_path / "other", "arithmetic", "--n_train", "20000", "--n_val", "2000", "--seed", "4")
+    for split in ["train", "val", "val_ood"]:
+        same = (tmp_path / f"same/data/arithmetic/{split}.bin").read_bytes()
+        assert same == (arithmetic / f"{split}.bin").read_bytes()
+        assert same != (tmp_path / f"other/data/arithmetic/{split}.bin").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "arithmetic"])
+def test_gapt_trains_a_few_steps_on_each_kind_of_prepared_dataset(tmp_path, kind):
+    data_dir = str(tmp_path / "data")
+    if kind == "arithmetic":
+        prepare_data.main(["arithmetic", "--n_train", "500", "--n_val", "30", "--data_dir", data_dir])
+    else:
+        source = tmp_path / f"corpus.{kind}"
+        if kind == "txt":
+            source.write_text("\n\n".join(NONEMPTY))
+        else:
+            write_jsonl(source, NONEMPTY)
+        prepare_data.main(["text", "--files", str(source), "--name", kind, "--val_tokens", "100", "--val_every", "5",
+                           "--num_proc", "1", "--data_dir", data_dir])
+    result = gapt.train(tiny_config(tmp_path, dataset=kind, max_iters=2, eval_interval=2, answer_eval_examples=10,
+                                    block_size=32))
+    evaluation = [r for r in read_log(tmp_path / "out") if r.get("event") == "eval"][-1]
+    assert math.isfinite(evaluation["val_ce"])
+    assert result["model"].config.vocab_size == (13 if kind == "arithmetic" else 50304)
+    assert ("val_ood_answer_ce" in evaluation) == (kind == "arithmetic")
+
+
+# -----------------------------------------------------------------------------
+# Sampling and the arithmetic evaluation: sample.py
+# -----------------------------------------------------------------------------
+ARITHMETIC_CHARS = list("0123456789*=\n")  # prepare_data.py's vocabulary: id = index
+ARITH_EQ, ARITH_EOT = ARITHMETIC_CHARS.index("="), ARITHMETIC_CHARS.index("\n")
+
+
+def encode_chars(text):
+    return [ARITHMETIC_CHARS.index(c) for c in text]
+
+
+def decode_chars(ids):
+    return "".join(ARITHMETIC_CHARS[i] for i in ids)
+
+
+# -----------------------------------------------------------------------------
+# Tiny trained checkpoints, one per dataset kind, trained once for the whole file
+# -----------------------------------------------------------------------------
+TINY_RUN = dict(n_layer=3, n_head=2, n_embd=16, block_size=32, patch_size=8, batch_size=4,
+                gradient_accumulation_steps=1, mbe_skip_first=1, mbe_skip_last=1, compile=False, device="cpu",
+                max_iters=3, eval_interval=3, eval_iters=1, log_interval=1, align_interval=0, warmup_iters=1,
+                lr_decay_iters=3, answer_eval_examples=20, mode="baseline")
+
+
+def train_tiny(data_dir, out_dir, dataset):
+    settings = {**TINY_RUN, "dataset": dataset, "data_dir": data_dir, "out_dir": out_dir}
+    gapt.train(gapt.load_config([f"--{k}={v}" for k, v in settings.items()]))
+    return str(out_dir)
+
+
+@pytest.fixture(scope="module")
+def arith_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("arith")
+    prepare_data.main(["arithmetic", "--n_train", "2000", "--n_val", "50", "--data_dir", str(root / "data")])
+    return dict(data_dir=str(root / "data"), out_dir=train_tiny(root / "data", root / "out", "arithmetic"))
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A GPT-2 BPE dataset written by hand in prepare_data.py's layout (documents end with eot)."""
+    root = tmp_path_factory.mktemp("text")
+    folder = root / "data" / "story"
+    folder.mkdir(parents=True)
+    enc = tiktoken.get_encoding("gpt2")
+    document = enc.encode_ordinary("Once upon a time there was a tiny model that learned to count. ") + [enc.eot_token]
+    counts = {}
+    for split, repeats in (("train", 40), ("val", 10)):
+        tokens = np.array(document * repeats, dtype=np.uint16)
+        tokens.tofile(folder / f"{split}.bin")
+        counts[split] = len(tokens)
+    meta = dict(tokenizer="gpt2", vocab_size=enc.n_vocab, eot_token=enc.eot_token, dtype="uint16", tokens=counts)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return dict(data_dir=str(root / "data"), out_dir=train_tiny(root / "data", root / "out", "story"))
+
+
+# -----------------------------------------------------------------------------
+# Stub models with known outputs
+# -----------------------------------------------------------------------------
+class TableModel:
+    """all_logits(idx)[b, t] = table[idx[b, t], t]: known logits that depend only on the token and its
+    position, so the expected answer CE can be computed example by example, without any batching."""
+
+    def __init__(self, vocab_size, length, seed=0):
+        self.table = torch.randn(vocab_size, length, vocab_size, generator=torch.Generator().manual_seed(seed))
+
+    def all_logits(self, idx):
+        return self.table[idx, torch.arange(idx.size(1))]
+
+
+class Calculator:
+    """Writes `answer(a, b)` after each '=', then the end-of-example token, then garbage ('7's) that
+    must never reach the answer: a model whose greedy outputs are known. GPT.generate drives it."""
+
+    generate = gapt.GPT.generate
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.config = gapt.GPTConfig(block_size=64)
+        self.calls = 0
+
+    def next_token(self, prefix):
+        text = decode_chars(prefix).split("\n")[-1]  # the example being written
+        if "=" not in text:
+            return ARITHMETIC_CHARS.index("0")  # any token: only the answer digits are scored
+        a, b = text[:text.index("=")].split("*")
+        written, target = text[text.index("=") + 1:], self.answer(int(a), int(b)) + "\n"
+        return ARITHMETIC_CHARS.index(target[len(written)] if len(written) < len(target) else "7")
+
+    def logits_for(self, prefix):
+        return 20.0 * F.one_hot(torch.tensor(self.next_token(prefix)), len(ARITHMETIC_CHARS)).float()
+
+    def __call__(self, idx):
+        self.calls += 1
+        logits = torch.stack([self.logits_for(row) for row in idx.tolist()])
+        return logits[:, None, :], None, None
+
+    def all_logits(self, idx):
+        return torch.stack([torch.stack([self.logits_for(row[:t + 1]) for t in range(len(row))])
+                            for row in idx.tolist()])
+
+
+EXAMPLES = [encode_chars(line + "\n") for line in ("2*3=6", "9*9=81", "12*34=408", "7*0=0")]
+
+
+# -----------------------------------------------------------------------------
+# Answer CE, exact match and greedy decoding
+# -----------------------------------------------------------------------------
+def test_answer_ce_is_the_mean_ce_over_the_answer_digits_only():
+    model = TableModel(len(ARITHMETIC_CHARS), length=16)
+    losses = []
+    for ex in EXAMPLES:  # direct computation: each answer digit j is predicted from position j - 1
+        for j in range(ex.index(ARITH_EQ) + 1, len(ex) - 1):
+            log_probs = F.log_softmax(model.table[ex[j - 1], j - 1], dim=-1)
+            losses.append(-log_probs[ex[j]].item())
+    assert len(losses) == 1 + 2 + 3 + 1  # the digits of 6, 81, 408, 0: no '=', no end-of-example token
+    expected = sum(losses) / len(losses)
+    assert gapt.answer_ce(model, EXAMPLES, ARITH_EQ, "cpu") == pytest.approx(expected, rel=1e-5)
+    assert gapt.answer_ce(model, EXAMPLES, ARITH_EQ, "cpu", batch_size=3) == pytest.approx(expected, rel=1e-5)
+
+
+def test_exact_match_is_one_for_right_answers_and_zero_for_wrong_ones():
+    right = sample.evaluate_arithmetic(Calculator(lambda a, b: str(a * b)), EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
+    wrong = sample.evaluate_arithmetic(Calculator(lambda a, b: str((a * b + 1) * 10)), EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
+    assert right["examples"] == wrong["examples"] == len(EXAMPLES)
+    assert right["exact_match"] == 1.0 and right["length_error"] == 0.0
+    assert wrong["exact_match"] == 0.0 and wrong["length_error"] == 1.0  # a wrong digit and one digit too many
+    assert right["answer_ce"] < 1e-6 < 1.0 < wrong["answer_ce"]
+
+
+def test_greedy_decoding_stops_at_the_end_of_example_token():
+    model = Calculator(lambda a, b: str(a * b))
+    prompts = [ex[:ex.index(ARITH_EQ) + 1] for ex in EXAMPLES]
+    answers = sample.greedy_answers(model, prompts, ARITH_EOT, "cpu")
+    # 2*3= finishes one step before 9*9= in the same batch and then writes '7's: cut at its eot
+    assert [decode_chars(a) for a in answers] == ["6", "81", "408", "0"]
+    # prompts are batched by length; each batch stops once all its rows have written eot:
+    # {2*3=, 9*9=, 7*0=}: 2 digits + eot = 3 steps; {12*34=}: 3 digits + eot = 4 steps (not 6)
+    assert model.calls == 3 + 4
+
+
+def test_a_model_that_never_stops_is_cut_after_as_many_tokens_as_its_prompt():
+    model = Calculator(lambda a, b: "1" * 50)
+    answers = sample.greedy_answers(model, [encode_chars("2*3=")], ARITH_EOT, "cpu")
+    assert answers == [encode_chars("1111")]
+
+
+# -----------------------------------------------------------------------------
+# sample.py on tiny trained checkpoints
+# -----------------------------------------------------------------------------
+def test_sampling_is_deterministic_for_a_fixed_seed_and_returns_text(arith_run):
+    args = [f"--out_dir={arith_run['out_dir']}", "--start=12*3", "--num_samples=2", "--max_new_tokens=20",
+            "--temperature=1.0", "--device=cpu"]
+    first, again = sample.main(args + ["--seed=1"]), sample.main(args + ["--seed=1"])
+    assert first == again
+    assert len(first) == 2 and all(isinstance(s, str) and s.startswith("12*3") and len(s) == 24 for s in first)
+    assert sample.main(args + ["--seed=2"]) != first
+
+
+def test_sampling_reads_the_prompt_from_a_file_and_greedy_is_seed_free(arith_run, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("7*8=")
+    args = [f"--out_dir={arith_run['out_dir']}", f"--start=FILE:{prompt}", "--num_samples=1", "--max_new_tokens=5",
+            "--temperature=0", "--device=cpu"]
+    greedy = sample.main(args + ["--seed=1"])
+    assert greedy == sample.main(args + ["--seed=2"]) and greedy[0].startswith("7*8=")
+
+
+def test_a_text_checkpoint_samples_with_gpt2_bpe(text_run):
+    samples = sample.main([f"--out_dir={text_run['out_dir']}", "--start=Once upon", "--num_samples=2",
+                           "--max_new_tokens=8", "--device=cpu"])
+    assert len(samples) == 2 and all(s.startswith("Once upon") for s in samples)
+
+
+def test_eval_arithmetic_prints_and_writes_the_table(arith_run, capsys):
+    rows = sample.main([f"--out_dir={arith_run['out_dir']}", "--eval=arithmetic", "--n=6", "--device=cpu"])
+    assert [r["split"] for r in rows] == ["val", "val_ood"]
+    for r in rows:
+        assert r["examples"] == 6 and 0 <= r["exact_match"] <= 1 and r["answer_ce"] > 0 and r["length_error"] >= 0
+    written = json.loads(open(os.path.join(arith_run["out_dir"], "eval_arithmetic.json")).read())
+    assert written["rows"] == rows and written["dataset"] == "arithmetic" and written["iter_num"] == 3
+    assert "| val_ood | 6 |" in capsys.readouterr().out
+
+
+def test_eval_answer_ce_is_the_one_logged_in_training(arith_run):
+    """sample.py's answer CE on the first answer_eval_examples examples is gapt.py's val_answer_ce."""
+    rows = sample.main([f"--out_dir={arith_run['out_dir']}", "--eval=arithmetic", "--n=20", "--device=cpu"])
+    log = [json.loads(line) for line in open(os.path.join(arith_run["out_dir"], "log.jsonl"))]
+    logged = [row for row in log if row.get("event") == "eval"][-1]
+    assert rows[0]["answer_ce"] == pytest.approx(logged["val_answer_ce"], rel=1e-5)
+    assert rows[1]["answer_ce"] == pytest.approx(logged["val_ood_answer_ce"], rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Bad inputs: each stops with a message naming the problem
+# -----------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--out_dir={tmp}/nowhere"], "no checkpoint at"),
+    (["--out_dir={text}", "--eval=arithmetic"], "needs a model trained on arithmetic data"),
+    (["--out_dir={arith}", "--start=12+3="], "outside the model's character vocabulary: '+'"),
+    (["--out_dir={arith}", "--eval=arithmetic", "--data_dir={tmp}"], "--eval=arithmetic needs"),
+    (["--out_dir={arith}", "--data_dir={tmp}"], "too small for GPT-2 BPE"),
+    (["--out_dir={arith}", "--start=FILE:{tmp}/missing.txt"], "prompt file"),
+    (["--out_dir={arith}", "--eval=geometry"], "eval must be"),
+    (["--out_dir={arith}", "--colour=blue"], "unknown config key 'colour'"),
+    (["--out_dir={arith}", "--n", "5"], "write overrides as --key=value"),
+    (["--out_dir={arith}", "--num_samples=0"], "num_samples must be positive"),
+])
+def test_bad_input_stops_with_a_clear_message(arith_run, text_run, tmp_path, args, message):
+    paths = dict(tmp=tmp_path, arith=arith_run["out_dir"], text=text_run["out_dir"])
+    with pytest.raises(SystemExit) as stop:
+        sample.main([a.format(**paths) for a in args] + ["--device=cpu"])
+    assert message in str(stop.value.code)
+
+
+def test_the_dataset_without_val_ood_is_named(arith_run, tmp_path):
+    data = tmp_path / "data" / "arithmetic"
+    data.mkdir(parents=True)
+    source = os.path.join(arith_run["data_dir"], "arithmetic")
+    for name in ("meta.json", "val.bin"):
+        (data / name).write_bytes(open(os.path.join(source, name), "rb").read())
+    with pytest.raises(SystemExit, match="val_ood.bin not found"):
+        sample.main([f"--out_dir={arith_run['out_dir']}", "--eval=arithmetic", f"--data_dir={tmp_path / 'data'}"])
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--colour=blue", "sample.py: unknown config key 'colour'"),
+    ("--top_k=0", "sample.py: no checkpoint at"),
+])
+def test_command_line_errors_exit_nonzero_naming_sample_py(tmp_path, arg, message):
+    done = subprocess.run([sys.executable, os.path.abspath(sample.__file__), f"--out_dir={tmp_path}", arg],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and message in done.stderr
