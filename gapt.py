@@ -13,8 +13,9 @@ Run it:
     torchrun --nproc_per_node=8 gapt.py              # 8 GPUs, DDP
     python gapt.py --task=forgetting                 # the catastrophic-forgetting toy
 
-The file reads top to bottom in the order things happen: config, model, MBE, IBLM loss, GAPT gate,
-gradient alignment, data, checkpoints, the training loop.
+The file reads top to bottom in the order things happen: config, MBE, the model, the IBLM loss,
+the GAPT gate, gradient alignment, data, checkpoints, evaluation, the training loop; then the
+benchmark, the forgetting toy and the figures.
 """
 
 import ast
@@ -41,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # -----------------------------------------------------------------------------
 DEFAULTS = dict(
     # what to run
-    task="pretrain",  # 'pretrain' (language modelling), 'forgetting' (the toy of the paper) or 'bench'
+    task="pretrain",  # 'pretrain' (language modelling), 'forgetting' (the toy of the paper), 'bench' or 'plot'
 
     mode="gapt",  # 'baseline' (CE only), 'iblm' (CE + lambda*MBE always) or 'gapt' (gated)
     # I/O
@@ -89,24 +90,27 @@ DEFAULTS = dict(
     beta2=0.95,  # AdamW beta2
     grad_clip=1.0,  # clip the global gradient norm to this; 0 = off
     # the conflicting-memories toy (--task=forgetting; see its section)
-    forget_steps=1000,          # optimizer steps per task; both schedules run 2 * forget_steps steps
-    forget_seeds=5,             # seeds 0..n-1; a seed fixes teacher, shift, data and batches for every mode
-    forget_batch_size=32,       # samples per step; this batch is the "sequence" MBE is taken over (paper: 32)
-    forget_patch_size=8,        # MBE patch length inside the batch (paper: 8, max MBE = log 8)
-    forget_lr=1e-3,             # Adam learning rate, fixed (no schedule: the task switch is the only event)
-    forget_mbe_weight=1.0,      # lambda of CE + lambda * MBE for iblm and for gapt's compression phase (paper: 1)
-    forget_n_eval=1000,         # held-out samples per distribution for separation, losses and MBE
-    forget_eval_interval=20,    # steps between points of the logged curves
-    forget_delta_ce=0.01,       # gate: an L1 drop smaller than this is no progress (paper's value)
-    forget_delta_mbe=0.002,     # gate: an MBE drop smaller than this is no progress (paper's value)
+    forget_steps=1000,  # optimizer steps per task; both schedules run 2 * forget_steps steps
+    forget_seeds=5,  # seeds 0..n-1; a seed fixes teacher, shift, data and batches for every mode
+    forget_batch_size=32,  # samples per step; this batch is the "sequence" MBE is taken over (paper: 32)
+    forget_patch_size=8,  # MBE patch length inside the batch (paper: 8, max MBE = log 8)
+    forget_lr=1e-3,  # Adam learning rate, fixed (no schedule: the task switch is the only event)
+    forget_mbe_weight=1.0,  # lambda of CE + lambda * MBE for iblm and for gapt's compression phase (paper: 1)
+    forget_n_eval=1000,  # held-out samples per distribution for separation, losses and MBE
+    forget_eval_interval=20,  # steps between points of the logged curves
+    forget_delta_ce=0.01,  # gate: an L1 drop smaller than this is no progress (paper's value)
+    forget_delta_mbe=0.002,  # gate: an MBE drop smaller than this is no progress (paper's value)
     # The paper waits 125 steps of a 1750-step run (~7%). One task here is 1000 steps, so the same
     # fraction of a task is 125 * 1000 / 1750 ~= 70 steps: room for several cycles per task.
-    forget_patience_mem=70,     # gate: steps without L1 progress before compressing
-    forget_patience_comp=70,    # gate: steps without MBE progress before memorizing again
-    forget_tau=0.1,             # gate: relative L1 rise that aborts compression (paper's value)
+    forget_patience_mem=70,  # gate: steps without L1 progress before compressing
+    forget_patience_comp=70,  # gate: steps without MBE progress before memorizing again
+    forget_tau=0.1,  # gate: relative L1 rise that aborts compression (paper's value)
     # the benchmark (--task=bench): training steps timed side by side, no eval, no checkpoints
     bench_steps=20,  # timed optimizer steps per variant per round
     bench_rounds=5,  # rounds; variants take turns within a round and the median round is reported
+    # figures (--task=plot)
+    plot_runs="",  # comma-separated out_dirs of the runs to draw (or one forgetting out_dir)
+    plot_file="assets/runs.png",  # where the figure goes
     # system
     device="auto",  # 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype="auto",  # 'auto' (bfloat16 on CUDA, float32 elsewhere), 'bfloat16' or 'float32'
@@ -115,7 +119,7 @@ DEFAULTS = dict(
 )
 
 CHOICES = dict(
-    task=("pretrain", "forgetting", "bench"),
+    task=("pretrain", "forgetting", "bench", "plot"),
     mode=("baseline", "iblm", "gapt"),
     init_from=("scratch", "resume"),
     dtype=("auto", "bfloat16", "float32"),
@@ -196,6 +200,47 @@ def validate_config(cfg):
     if cfg["mbe_skip_first"] < 0 or cfg["mbe_skip_last"] < 0 or cfg["mbe_skip_first"] + cfg["mbe_skip_last"] >= cfg["n_layer"]:
         raise ConfigError(f"mbe_skip_first + mbe_skip_last ({cfg['mbe_skip_first']} + {cfg['mbe_skip_last']}) "
                           f"must leave at least one of the {cfg['n_layer']} blocks to regularize")
+
+
+# -----------------------------------------------------------------------------
+# Matrix-based entropy (MBE): how spread out a set of token representations is.
+# The Gram matrix K = Z Z^T of N tokens, normalized to unit trace, has eigenvalues p_i that
+# sum to 1; their Renyi entropy is 0 when all tokens point the same way (fully compressed)
+# and log N when they are orthogonal with equal norms (nothing shared).
+# -----------------------------------------------------------------------------
+MBE_EPS = 1e-5
+
+
+def mbe(Z, alpha=2.0):
+    """Matrix-based Renyi entropy S_alpha of each matrix Z[..., N, D] (rows = tokens), natural log.
+    Always float32: in bf16 the Gram matrix entries lose the precision that log(tr^2/||K||^2)
+    needs, so autocast is switched off here even inside a bf16 forward pass."""
+    Z = Z.float()
+    with torch.autocast(device_type=Z.device.type, enabled=False):
+        K = Z @ Z.transpose(-1, -2)  # (..., N, N) Gram matrix
+        trace = K.diagonal(dim1=-2, dim2=-1).sum(-1)
+        if alpha == 2:
+            # closed form: sum_i p_i^2 = ||K||_F^2 / tr(K)^2, no eigendecomposition needed
+            entropy = 2 * torch.log(trace + MBE_EPS) - torch.log(K.square().sum((-2, -1)) + MBE_EPS)
+        else:
+            p = torch.linalg.eigvalsh(K / (trace[..., None, None] + MBE_EPS)).clamp(min=0)
+            if alpha == 1:
+                entropy = -torch.special.xlogy(p, p).sum(-1)
+            else:
+                entropy = torch.log((p ** alpha).sum(-1).clamp(min=torch.finfo(p.dtype).tiny)) / (1 - alpha)
+            entropy = torch.where(trace > 0, entropy, 0.0)  # an all-zero matrix has no spread
+    return entropy.clamp(min=0)
+
+
+def patch_mbe(h, patch_size):
+    """Mean alpha-2 MBE over non-overlapping patches of patch_size consecutive tokens of h (B, T, C).
+    Patches keep the Gram matrices tiny (P x P): the cost is P / (12 * C) of a block's FLOPs."""
+    B, T, C = h.shape
+    if T % patch_size:
+        raise ValueError(f"sequence length {T} is not a multiple of patch_size {patch_size}; "
+                         f"choose block_size as a multiple of patch_size")
+    patches = h.view(B, T // patch_size, patch_size, C)  # (B, T, C) -> (B, n_patches, P, C)
+    return mbe(patches).mean()
 
 
 # -----------------------------------------------------------------------------
@@ -343,47 +388,6 @@ class GPT(nn.Module):
                 if finished.all():
                     break
         return idx
-
-
-# -----------------------------------------------------------------------------
-# Matrix-based entropy (MBE): how spread out a set of token representations is.
-# The Gram matrix K = Z Z^T of N tokens, normalized to unit trace, has eigenvalues p_i that
-# sum to 1; their Renyi entropy is 0 when all tokens point the same way (fully compressed)
-# and log N when they are orthogonal with equal norms (nothing shared).
-# -----------------------------------------------------------------------------
-MBE_EPS = 1e-5
-
-
-def mbe(Z, alpha=2.0):
-    """Matrix-based Renyi entropy S_alpha of each matrix Z[..., N, D] (rows = tokens), natural log.
-    Always float32: in bf16 the Gram matrix entries lose the precision that log(tr^2/||K||^2)
-    needs, so autocast is switched off here even inside a bf16 forward pass."""
-    Z = Z.float()
-    with torch.autocast(device_type=Z.device.type, enabled=False):
-        K = Z @ Z.transpose(-1, -2)  # (..., N, N) Gram matrix
-        trace = K.diagonal(dim1=-2, dim2=-1).sum(-1)
-        if alpha == 2:
-            # closed form: sum_i p_i^2 = ||K||_F^2 / tr(K)^2, no eigendecomposition needed
-            entropy = 2 * torch.log(trace + MBE_EPS) - torch.log(K.square().sum((-2, -1)) + MBE_EPS)
-        else:
-            p = torch.linalg.eigvalsh(K / (trace[..., None, None] + MBE_EPS)).clamp(min=0)
-            if alpha == 1:
-                entropy = -torch.special.xlogy(p, p).sum(-1)
-            else:
-                entropy = torch.log((p ** alpha).sum(-1).clamp(min=torch.finfo(p.dtype).tiny)) / (1 - alpha)
-            entropy = torch.where(trace > 0, entropy, 0.0)  # an all-zero matrix has no spread
-    return entropy.clamp(min=0)
-
-
-def patch_mbe(h, patch_size):
-    """Mean alpha-2 MBE over non-overlapping patches of patch_size consecutive tokens of h (B, T, C).
-    Patches keep the Gram matrices tiny (P x P): the cost is P / (12 * C) of a block's FLOPs."""
-    B, T, C = h.shape
-    if T % patch_size:
-        raise ValueError(f"sequence length {T} is not a multiple of patch_size {patch_size}; "
-                         f"choose block_size as a multiple of patch_size")
-    patches = h.view(B, T // patch_size, patch_size, C)  # (B, T, C) -> (B, n_patches, P, C)
-    return mbe(patches).mean()
 
 
 # -----------------------------------------------------------------------------
@@ -546,7 +550,7 @@ def load_windows(path, starts, block_size, device):
     """x, y (len(starts), block_size) int64 windows; y is x shifted by one token."""
     # a fresh memmap per batch: numpy keeps a long-lived memmap's pages referenced and leaks memory
     data = np.memmap(path, dtype=np.uint16, mode="r")
-    rows = np.stack([data[s:s + block_size + 1] for s in starts.tolist()]).astype(np.int64)
+    rows = np.stack([data[s:s + block_size + 1] for s in starts]).astype(np.int64)
     xy = torch.from_numpy(rows)
     x, y = xy[:, :-1], xy[:, 1:]
     if device.type == "cuda":
@@ -561,7 +565,7 @@ def draw_step_windows(generator, n_tokens, micro_steps, batch_size, block_size, 
     own rows: ranks see different data, and the run is the same as a single process with the
     same global batch (tested), whatever the number of processes."""
     starts = torch.randint(n_tokens - block_size, (micro_steps * world_size, batch_size), generator=generator)
-    return starts[rank::world_size]
+    return starts[rank::world_size].numpy()  # host indices: reading them never waits for a GPU
 
 
 # -----------------------------------------------------------------------------
@@ -766,7 +770,7 @@ def evaluate(model, cfg, paths, answer_sets, autocast_ctx, dist_info):
         n_tokens = os.path.getsize(paths[split]) // 2
         sums = torch.zeros(1 + cfg["n_layer"], device=dist_info.device)  # [ce, mbe of each block]
         for _ in range(cfg["eval_iters"]):
-            starts = torch.randint(n_tokens - cfg["block_size"], (cfg["batch_size"],), generator=gen)
+            starts = torch.randint(n_tokens - cfg["block_size"], (cfg["batch_size"],), generator=gen).numpy()
             x, y = load_windows(paths[split], starts, cfg["block_size"], dist_info.device)
             with autocast_ctx:
                 _, ce, mbe_blocks = model(x, y)
@@ -1080,9 +1084,13 @@ def report_bench(cfg, model, timings, dist_info):
                    tokens_per_step=tokens_per_step, rows=rows)
     if device.type == "cuda":
         summary["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    else:  # the whole process's peak resident memory (Linux reports kilobytes)
+        import resource
+        summary["peak_memory_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
     if dist_info.master:
         print(f"{summary['device']}, {dist_info.world_size} process(es), compile={cfg['compile']}, "
-              f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_step:,} tokens per step")
+              f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_step:,} tokens per step, "
+              f"peak memory {summary['peak_memory_gb']} GB")
         for row in rows:
             print(format_row(row))
         with open(os.path.join(cfg["out_dir"], "bench.json"), "w") as f:
@@ -1345,11 +1353,148 @@ def run_forgetting(cfg):
 
 
 # -----------------------------------------------------------------------------
+# Figures (--task=plot): drawn from the runs' log.jsonl (or forgetting.json) alone, so a figure
+# can always be redrawn from what a run left in its out_dir. matplotlib is needed for this only.
+#     python gapt.py --task=plot --plot_runs=out-a,out-b --plot_file=assets/runs.png
+# -----------------------------------------------------------------------------
+def import_pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("gapt.py: --task=plot needs matplotlib, which training does not: pip install matplotlib")
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_run(out_dir):
+    """(label, rows) of a run: its mode and seed from the start row, and every row of its log."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        raise SystemExit(f"gapt.py: no {path}; --plot_runs takes the out_dirs of finished runs, comma-separated")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    cfg = next(r["config"] for r in rows if r.get("event") == "start")
+    return f"{cfg['mode']} seed {cfg['seed']}", cfg["mode"], rows
+
+
+def compression_spans(rows, last_iter):
+    """[(first, last)] iterations of each compression phase, from the phase_change rows."""
+    spans, start = [], None
+    for r in rows:
+        if r.get("event") == "phase_change":
+            if r["phase"] == 2:
+                start = r["iter"]
+            elif start is not None:
+                spans.append((start, r["iter"]))
+                start = None
+    return spans + ([(start, last_iter)] if start is not None else [])
+
+
+PLOT_PANELS = [("ce", "training CE"), ("mbe", "training MBE_reg"), ("val_ood_answer_ce", "OOD answer CE (val_ood)"),
+               ("val_answer_ce", "ID answer CE (val)"), ("val_ce", "validation CE"),
+               ("align_cos", "cos(grad CE, grad MBE_reg)")]
+MODE_COLORS = dict(baseline="tab:gray", iblm="tab:blue", gapt="tab:red")
+
+
+def plot_training_runs(run_dirs, png_path):
+    """One panel per quantity the runs logged; GAPT's compression phases shaded in its color."""
+    plt = import_pyplot()
+    runs = [read_run(d) for d in run_dirs]
+    panels = [(key, title) for key, title in PLOT_PANELS if any(key in r for _, _, rows in runs for r in rows)]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False)
+    for ax, (key, title) in zip(axes[:, 0], panels):
+        for label, mode, rows in runs:
+            points = [(r["iter"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), color=MODE_COLORS[mode], alpha=0.8, lw=1, label=label)
+            if mode == "gapt":
+                for first, last in compression_spans(rows, rows[-1]["iter"]):
+                    ax.axvspan(first, last, color=MODE_COLORS[mode], alpha=0.08, lw=0)
+        if key == "align_cos":
+            ax.axhline(0, color="k", lw=0.5)
+        ax.set_ylabel(title, fontsize=8)
+    axes[0, 0].legend(fontsize=7, ncol=3)
+    axes[0, 0].set_title("shaded: GAPT compression phases", fontsize=8)
+    axes[-1, 0].set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def plot_forgetting(json_path, png_path):
+    """Figure of the conflicting-memories toy from forgetting.json: separation per mode (mean and std
+    over seeds, both schedules) and separation over training steps (mean over seeds)."""
+    plt = import_pyplot()
+    with open(json_path) as f:
+        result = json.load(f)
+    summary, runs, cfg = result["summary"], result["runs"], result["config"]
+    schedules = list(summary)
+    modes = list(summary[schedules[0]])
+    colors = dict(baseline="tab:gray", iblm="tab:blue", gapt="tab:red")
+
+    fig, axes = plt.subplots(1, 1 + len(schedules), figsize=(5 + 5 * len(schedules), 4))
+    ax = axes[0]
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(schedules))]
+        means = [summary[s][mode]["separation"][0] for s in schedules]
+        stds = [summary[s][mode]["separation"][1] for s in schedules]
+        ax.bar(xs, means, width, yerr=stds, capsize=4, color=colors.get(mode), label=mode)
+        for x, s in zip(xs, schedules):
+            if mode != "baseline":
+                ax.annotate(f"{summary[s][mode]['sep_change_pct']:+.0f}%", (x, 0), xytext=(0, 3),
+                            textcoords="offset points", ha="center", fontsize=8, color="white")
+    ax.set_xticks(range(len(schedules)), schedules)
+    ax.set_ylabel("separation  ||mu1 - mu2|| / sqrt(within)")
+    n_seeds = len({r["seed"] for r in runs})
+    ax.set_title(f"final separation, mean ± std over {n_seeds} seeds\n"
+                 f"(% = change vs baseline; paper: GAPT +{result['paper_separation_gain_pct']:.0f}%)", fontsize=9)
+    ax.legend(fontsize=8)
+
+    for ax, schedule in zip(axes[1:], schedules):
+        for mode in modes:
+            curves = [r["curve"] for r in runs if r["schedule"] == schedule and r["mode"] == mode]
+            steps = curves[0]["step"]
+            mean = [sum(c["separation"][i] for c in curves) / len(curves) for i in range(len(steps))]
+            ax.plot(steps, mean, color=colors.get(mode), label=mode)
+        if schedule == "sequential":
+            ax.axvline(cfg["forget_steps"], color="k", ls=":", lw=1)
+            ax.text(cfg["forget_steps"], 0.5, "task 2 starts ", transform=ax.get_xaxis_transform(),
+                    rotation=90, ha="right", va="center", fontsize=8)
+        # where the GAPT gate compressed (seed 0), as ticks along the bottom
+        gapt0 = next((r for r in runs if r["schedule"] == schedule and r["mode"] == "gapt" and r["seed"] == 0), None)
+        if gapt0:
+            on = [i for i, p in enumerate(gapt0["phase"]) if p == 2]
+            ax.plot(on, [0.02] * len(on), "|", color=colors["gapt"], ms=6, transform=ax.get_xaxis_transform())
+        ax.set_xlabel("step")
+        ax.set_ylabel("separation (mean over seeds)")
+        ax.set_title(f"{schedule} schedule: separation during training\n"
+                     "(red ticks: steps in GAPT's compression phase, seed 0)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def run_plot(cfg):
+    run_dirs = [d for d in cfg["plot_runs"].split(",") if d]
+    if not run_dirs:
+        raise ConfigError("--task=plot needs --plot_runs=DIR[,DIR...], the out_dirs of the runs to draw")
+    os.makedirs(os.path.dirname(cfg["plot_file"]) or ".", exist_ok=True)
+    forgetting_json = os.path.join(run_dirs[0], "forgetting.json")
+    if os.path.exists(forgetting_json):
+        plot_forgetting(forgetting_json, cfg["plot_file"])
+    else:
+        plot_training_runs(run_dirs, cfg["plot_file"])
+    print(f"wrote {cfg['plot_file']}")
+
+
+# -----------------------------------------------------------------------------
 # Entry point
 # -----------------------------------------------------------------------------
 def main(argv=None):
     cfg = load_config(sys.argv[1:] if argv is None else argv)
-    tasks = dict(pretrain=train, forgetting=run_forgetting, bench=run_bench)
+    tasks = dict(pretrain=train, forgetting=run_forgetting, bench=run_bench, plot=run_plot)
     return tasks[cfg["task"]](cfg)
 
 

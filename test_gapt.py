@@ -317,9 +317,9 @@ def test_gradient_accumulation_over_k_micro_steps_matches_one_big_batch(tmp_path
     """One optimizer step (plain SGD, so parameter change = -lr * gradient) with the IBLM loss."""
     single = gapt.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     cfg = tiny_config(tmp_path, grad_clip=0.0)
-    starts = torch.randint(19000, (8,), generator=torch.Generator().manual_seed(0))
+    starts = np.random.default_rng(0).integers(19000, size=8)
     models = [tiny_model(vocab_size=32) for _ in range(2)]
-    stats = [gapt.train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), starts.view(k, 8 // k), 1.0, cfg,
+    stats = [gapt.train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), starts.reshape(k, 8 // k), 1.0, cfg,
                              os.path.join(data, "train.bin"), nullcontext(), single)
              for model, k in zip(models, (4, 1))]
     assert torch.allclose(stats[0], stats[1], atol=1e-6)
@@ -406,6 +406,31 @@ def test_compiled_training_runs_on_cpu_without_recompiling_at_phase_changes(tmp_
     assert 1 in result["phases"] and 2 in result["phases"]
     assert counters["stats"]["unique_graphs"] == 1  # one graph, compiled once, for both phases
     assert all(math.isfinite(r["ce"]) for r in step_rows(tmp_path / "out"))
+
+
+def test_training_steps_read_nothing_back_from_the_device_between_logs(tmp_path, data, monkeypatch):
+    """Every .item(), .tolist(), bool() or float() of a tensor in gapt.py would make the CPU wait for
+    a GPU: in GAPT mode, with the gate switching phases, their number must not grow with the steps.
+    (PyTorch's own CPU code, such as Adam's step counter on CPU, is not counted.)"""
+    reads = []
+
+    def counted(real):
+        def read(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename == gapt.__file__:
+                reads.append(1)
+            return real(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    counts = []
+    for steps in (4, 12):
+        reads.clear()
+        result = gapt.train(tiny_config(tmp_path, mode="gapt", max_iters=steps, lr_decay_iters=steps, log_interval=steps,
+                                        eval_interval=steps, patience_mem=1, patience_comp=1, delta_ce=0.5, delta_mbe=0.5))
+        counts.append(len(reads))
+    assert 2 in result["phases"] and 1 in result["phases"]
+    assert counts[0] == counts[1]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
@@ -1133,3 +1158,25 @@ def test_command_line_errors_exit_nonzero_naming_sample_py(tmp_path, arg, messag
     done = subprocess.run([sys.executable, os.path.abspath(sample.__file__), f"--out_dir={tmp_path}", arg],
                           capture_output=True, text=True)
     assert done.returncode != 0 and message in done.stderr
+
+
+# -----------------------------------------------------------------------------
+# Figures (--task=plot)
+# -----------------------------------------------------------------------------
+def test_compression_phases_are_read_from_the_phase_change_rows():
+    rows = [dict(iter=3, event="phase_change", phase=2), dict(iter=5, event="phase_change", phase=1),
+            dict(iter=9, ce=1.0), dict(iter=12, event="phase_change", phase=2)]
+    assert gapt.compression_spans(rows, last_iter=20) == [(3, 5), (12, 20)]
+
+
+def test_plot_draws_the_logged_runs_into_a_png(tmp_path, data):
+    pytest.importorskip("matplotlib")
+    gapt.train(tiny_config(tmp_path, mode="gapt", patience_mem=1, delta_ce=0.5, align_interval=2))
+    plot_file = tmp_path / "figure.png"
+    gapt.main(["--task=plot", f"--plot_runs={tmp_path / 'out'}", f"--plot_file={plot_file}"])
+    assert plot_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="plot_runs"):
+        gapt.main(["--task=plot", f"--plot_file={tmp_path / 'x.png'}"])
