@@ -797,12 +797,8 @@ def load_answer_sets(cfg, meta):
     for split in ("val", "val_ood"):
         path = os.path.join(cfg["data_dir"], cfg["dataset"], f"{split}.bin")
         if os.path.exists(path):
-            examples = split_examples(np.fromfile(path, dtype=np.uint16), meta["eot_token"])[:cfg["answer_eval_examples"]]
-            longest = max(len(e) for e in examples)
-            if longest - 1 > cfg["block_size"]:
-                raise ConfigError(f"block_size ({cfg['block_size']}) is too short for the {split} examples of "
-                                  f"'{cfg['dataset']}' ({longest} tokens); use at least {longest - 1}")
-            answer_sets[split] = (examples, meta["tokenizer"].index("="))
+            examples = split_examples(np.fromfile(path, dtype=np.uint16), meta["eot_token"])
+            answer_sets[split] = (examples[:cfg["answer_eval_examples"]], meta["tokenizer"].index("="))
     return answer_sets
 
 
@@ -909,6 +905,11 @@ def train(cfg):
     meta = load_meta(cfg["data_dir"], cfg["dataset"])
     paths = {split: check_split(cfg["data_dir"], cfg["dataset"], split, cfg["block_size"], meta) for split in ("train", "val")}
     answer_sets = load_answer_sets(cfg, meta)
+    for split, (examples, _) in answer_sets.items():
+        longest = max(len(e) for e in examples)  # scored with the example as input, minus its last token
+        if longest - 1 > cfg["block_size"]:
+            raise ConfigError(f"block_size ({cfg['block_size']}) is too short for the {split} examples of "
+                              f"'{cfg['dataset']}' ({longest} tokens); use at least {longest - 1}")
     device = dist_info.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
