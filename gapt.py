@@ -1354,8 +1354,8 @@ def run_forgetting(cfg):
 
 
 # -----------------------------------------------------------------------------
-# Figures (--task=plot): drawn from the runs' log.jsonl (or forgetting.json) alone, so a figure
-# can always be redrawn from what a run left in its out_dir. matplotlib is needed for this only.
+# Figures and tables (--task=plot): drawn from the runs' log.jsonl (or forgetting.json) alone, so
+# they can always be redrawn from what a run left in its out_dir. matplotlib is needed for this only.
 #     python gapt.py --task=plot --plot_runs=out-a,out-b --plot_file=assets/runs.png
 # -----------------------------------------------------------------------------
 def import_pyplot():
@@ -1477,6 +1477,46 @@ def plot_forgetting(json_path, png_path):
     plt.close(fig)
 
 
+SUMMARY_KEYS = ("val_ce", "val_mbe", "val_answer_ce", "val_ood_answer_ce", "val_exact_match", "val_ood_exact_match")
+
+
+def final_metrics(out_dir, rows):
+    """A run's last evaluation (at max_iters: a fixed step, never the best one, so nothing is
+    chosen on a validation or OOD split), plus sample.py's exact match if eval_arithmetic.json exists."""
+    last = [r for r in rows if r.get("event") == "eval"][-1]
+    metrics = dict(last)
+    path = os.path.join(out_dir, "eval_arithmetic.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            metrics.update({f"{row['split']}_exact_match": row["exact_match"] for row in json.load(f)["rows"]})
+    return metrics
+
+
+def summarize_runs(run_dirs):
+    """A Markdown table: mean ± std over the runs (seeds) of each mode, and the relative change of
+    each mean against the baseline's."""
+    by_mode = {}
+    for out_dir in run_dirs:
+        _, mode, rows = read_run(out_dir)
+        by_mode.setdefault(mode, []).append(final_metrics(out_dir, rows))
+    runs = [m for ms in by_mode.values() for m in ms]
+    keys = [k for k in SUMMARY_KEYS if all(k in m for m in runs)]
+    means = {mode: {k: np.mean([m[k] for m in ms]) for k in keys} for mode, ms in by_mode.items()}
+    lines = [f"final evaluation at iter {sorted({m['iter'] for m in runs})}, mean ± std over runs "
+             f"(change of the mean vs baseline)", "", "| mode | runs | " + " | ".join(keys) + " |",
+             "|---|---:|" + "---:|" * len(keys)]
+    for mode, ms in by_mode.items():
+        cells = []
+        for k in keys:
+            values = [m[k] for m in ms]
+            cell = f"{np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.4f}"
+            if mode != "baseline" and "baseline" in means and means["baseline"][k]:
+                cell += f" ({100 * (means[mode][k] / means['baseline'][k] - 1):+.1f}%)"
+            cells.append(cell)
+        lines.append(f"| {mode} | {len(ms)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_plot(cfg):
     run_dirs = [d for d in cfg["plot_runs"].split(",") if d]
     if not run_dirs:
@@ -1487,6 +1527,7 @@ def run_plot(cfg):
         plot_forgetting(forgetting_json, cfg["plot_file"])
     else:
         plot_training_runs(run_dirs, cfg["plot_file"])
+        print(summarize_runs(run_dirs))
     print(f"wrote {cfg['plot_file']}")
 
 

@@ -1180,3 +1180,21 @@ def test_plot_draws_the_logged_runs_into_a_png(tmp_path, data):
 def test_plot_without_runs_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="plot_runs"):
         gapt.main(["--task=plot", f"--plot_file={tmp_path / 'x.png'}"])
+
+
+def write_run_log(out_dir, mode, seed, val_ood_answer_ce):
+    os.makedirs(out_dir)
+    rows = [dict(event="start", iter=0, config=dict(mode=mode, seed=seed)),
+            dict(iter=5, event="eval", val_ce=9.0, val_ood_answer_ce=99.0),  # not the final one: ignored
+            dict(iter=10, event="eval", val_ce=2.0, val_ood_answer_ce=val_ood_answer_ce)]
+    with open(os.path.join(out_dir, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_the_summary_table_reports_the_final_evaluation_per_mode_and_the_change_vs_baseline(tmp_path):
+    for name, mode, seed, ood in (("b1", "baseline", 1, 2.0), ("b2", "baseline", 2, 4.0), ("g1", "gapt", 1, 2.4)):
+        write_run_log(tmp_path / name, mode, seed, ood)
+    table = gapt.summarize_runs([str(tmp_path / n) for n in ("b1", "b2", "g1")])
+    assert "at iter [10]" in table
+    assert "| baseline | 2 | 2.0000 ± 0.0000 | 3.0000 ± 1.4142 |" in table
+    assert "| gapt | 1 | 2.0000 ± 0.0000 (+0.0%) | 2.4000 ± 0.0000 (-20.0%) |" in table
