@@ -485,9 +485,10 @@ def cosine(a_parts, b_parts):
 
 
 def gradient_alignment(model, X, Y, skip_first, skip_last, autocast_ctx):
-    """Global and per-block cosines on one micro-batch. Uses autograd.grad (never touches .grad)
-    on the bare model (no DDP hooks, so no collective a rank could wait on forever), and forks the
-    RNG so dropout draws nothing from the training stream: training is exactly as without it.
+    """Global and per-block cosines on one micro-batch. autograd.grad returns the gradients instead
+    of accumulating them into .grad, and runs none of DDP's gradient hooks, so no rank starts a
+    collective the others never join; the forward pass is the plain module's, not DDP's. The RNG is
+    forked so dropout draws nothing from the training stream: training is exactly as without it.
     Blocks above the regularized ones get no MBE gradient; their cosine is None."""
     params = [p for p in model.parameters() if p.requires_grad]
     devices = [X.device] if X.device.type == "cuda" else []
@@ -552,11 +553,11 @@ def load_windows(path, starts, block_size, device):
     data = np.memmap(path, dtype=np.uint16, mode="r")
     rows = np.stack([data[s:s + block_size + 1] for s in starts]).astype(np.int64)
     xy = torch.from_numpy(rows)
-    x, y = xy[:, :-1], xy[:, 1:]
+    x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
     if device.type == "cuda":
         # pinned memory lets the copy run asynchronously while the GPU is still busy
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.contiguous().to(device), y.contiguous().to(device)
+    return x.to(device), y.to(device)
 
 
 def draw_step_windows(generator, n_tokens, micro_steps, batch_size, block_size, rank, world_size):
@@ -861,9 +862,9 @@ def measure_alignment(model, starts, cfg, train_path, autocast_ctx, dist_info):
 
 def stop_if_not_finite(value, what, iter_num, cfg):
     if not math.isfinite(value):
-        raise SystemExit(f"gapt.py: {what} is {value} at iter {iter_num}; stopping. The last good checkpoint "
-                         f"is {os.path.join(cfg['out_dir'], 'ckpt.pt')} (resume with --init_from=resume, "
-                         f"perhaps with a lower --learning_rate or --mbe_weight)")
+        raise SystemExit(f"gapt.py: {what} is {value} at iter {iter_num}; stopping without saving. The last "
+                         f"checkpoint of this run, if it saved one, is {os.path.join(cfg['out_dir'], 'ckpt.pt')} "
+                         f"(resume with --init_from=resume, perhaps with a lower --learning_rate or --mbe_weight)")
 
 
 def build_run(cfg, dist_info, meta):
@@ -882,7 +883,9 @@ def build_run(cfg, dist_info, meta):
     torch.manual_seed(cfg["seed"])  # the same initialization on every rank
     model = GPT(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    gate = GAPT(cfg["delta_ce"], cfg["delta_mbe"], cfg["patience_mem"], cfg["patience_comp"], cfg["tau"], device=device)
+    # the gate lives where the losses are, except on MPS, which has no float64
+    gate_device = device if device.type == "cuda" else torch.device("cpu")
+    gate = GAPT(cfg["delta_ce"], cfg["delta_mbe"], cfg["patience_mem"], cfg["patience_comp"], cfg["tau"], device=gate_device)
     data_gen = torch.Generator().manual_seed(cfg["seed"])  # the same on every rank: see draw_step_windows
     torch.manual_seed(cfg["seed"] + dist_info.rank)  # dropout: a different stream on each rank
     iter_num, best_val_loss = 0, math.inf
@@ -946,7 +949,8 @@ def train(cfg):
             row = dict(iter=iter_num, **measure_alignment(model, starts[0], cfg, paths["train"], autocast_ctx, dist_info))
             if dist_info.master:
                 append_jsonl(log_path, row)
-        phase = gate.state["phase"] if cfg["mode"] == "gapt" else torch.tensor(1)
+        # the logged phase says whether MBE is in this step's loss: the gate's, always 2 in iblm, 1 in baseline
+        phase = gate.state["phase"] if cfg["mode"] == "gapt" else torch.tensor(2 if cfg["mode"] == "iblm" else 1)
         weight = mbe_weight_for(cfg["mode"], cfg["mbe_weight"], gate)
         stats = train_step(train_model, optimizer, starts, weight, cfg, paths["train"], autocast_ctx, dist_info)
         if cfg["mode"] == "gapt":
@@ -1002,7 +1006,7 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def bench_variants(cfg, model, optimizer, token_path, autocast_ctx, dist_info, micro_steps, n_tokens):
+def bench_variants(cfg, model, train_model, optimizer, token_path, autocast_ctx, dist_info, micro_steps, n_tokens):
     """name -> function running one optimizer step of that variant (or one alignment measurement)."""
     data_gen = torch.Generator().manual_seed(cfg["seed"])
     # a gate held in compression: it still runs its update every step, as in a real GAPT run
@@ -1014,15 +1018,15 @@ def bench_variants(cfg, model, optimizer, token_path, autocast_ctx, dist_info, m
                                  dist_info.rank, dist_info.world_size)
 
     def baseline_step():
-        train_step(model, optimizer, draw(), 0.0, cfg, token_path, autocast_ctx, dist_info)
+        train_step(train_model, optimizer, draw(), 0.0, cfg, token_path, autocast_ctx, dist_info)
 
     def compression_step():
         weight = mbe_weight_for("gapt", cfg["mbe_weight"], gate)
-        stats = train_step(model, optimizer, draw(), weight, cfg, token_path, autocast_ctx, dist_info)
+        stats = train_step(train_model, optimizer, draw(), weight, cfg, token_path, autocast_ctx, dist_info)
         gate.step(stats[0], stats[1])
 
     def alignment():
-        measure_alignment(model.raw, draw()[0], cfg, token_path, autocast_ctx, dist_info)
+        measure_alignment(model, draw()[0], cfg, token_path, autocast_ctx, dist_info)
 
     return {"baseline (CE only)": baseline_step, "gapt, compression phase": compression_step,
             "alignment measurement (one)": alignment}
@@ -1042,8 +1046,7 @@ def run_bench(cfg):
     train_model = torch.compile(model) if cfg["compile"] else model
     if dist_info.ddp:
         train_model = DDP(train_model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
-    train_model.raw = model  # for the alignment measurement, which runs on the bare module
-    variants = bench_variants(cfg, train_model, optimizer, token_path, autocast_context(cfg, device), dist_info,
+    variants = bench_variants(cfg, model, train_model, optimizer, token_path, autocast_context(cfg, device), dist_info,
                               micro_steps, n_tokens)
     for run_step in variants.values():  # warm-up: compilation and allocator caches
         for _ in range(3):
@@ -1369,7 +1372,7 @@ def import_pyplot():
 
 
 def read_run(out_dir):
-    """(label, rows) of a run: its mode and seed from the start row, and every row of its log."""
+    """(label, mode, rows) of a run: "mode seed N" from its start row, its mode, every row of its log."""
     path = os.path.join(out_dir, "log.jsonl")
     if not os.path.exists(path):
         raise SystemExit(f"gapt.py: no {path}; --plot_runs takes the out_dirs of finished runs, comma-separated")
@@ -1432,7 +1435,7 @@ def plot_forgetting(json_path, png_path):
     summary, runs, cfg = result["summary"], result["runs"], result["config"]
     schedules = list(summary)
     modes = list(summary[schedules[0]])
-    colors = dict(baseline="tab:gray", iblm="tab:blue", gapt="tab:red")
+    colors = MODE_COLORS
 
     fig, axes = plt.subplots(1, 1 + len(schedules), figsize=(5 + 5 * len(schedules), 4))
     ax = axes[0]
