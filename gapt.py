@@ -860,6 +860,18 @@ def measure_alignment(model, starts, cfg, train_path, autocast_ctx, dist_info):
     return dict(align_cos=values[0], align_cos_blocks=[None if math.isnan(v) else round(v, 5) for v in values[1:]])
 
 
+def read_back_steps(history, phases, cfg, log_path, dist_info):
+    """The losses and phases of the steps since the last log, read from the device in one sync:
+    each step's loss is checked, each phase change gets its row, and the last step's row is returned."""
+    values = torch.stack([torch.cat([s, p.view(1).to(s)]) for _, _, s, p in history]).tolist()
+    for (it, lr, _, _), (ce, mbe_reg, phase) in zip(history, values):
+        stop_if_not_finite(ce, "the training loss", it, cfg)
+        if phases and phase != phases[-1] and dist_info.master:
+            append_jsonl(log_path, dict(iter=it, event="phase_change", phase=int(phase)))
+        phases.append(int(phase))
+    return dict(iter=it, phase=int(phase), ce=ce, mbe=mbe_reg, lr=lr)
+
+
 def stop_if_not_finite(value, what, iter_num, cfg):
     if not math.isfinite(value):
         raise SystemExit(f"gapt.py: {what} is {value} at iter {iter_num}; stopping without saving. The last "
@@ -959,15 +971,9 @@ def train(cfg):
         history.append((iter_num, lr, stats, phase))
 
         if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
-            values = torch.stack([torch.cat([s, p.view(1).to(s)]) for _, _, s, p in history]).tolist()  # one sync
+            row = read_back_steps(history, phases, cfg, log_path, dist_info)
             dt = (time.time() - t_log) / len(history)
-            for (it, step_lr, _, _), (ce, mbe_reg, step_phase) in zip(history, values):
-                stop_if_not_finite(ce, "the training loss", it, cfg)
-                if phases and step_phase != phases[-1] and dist_info.master:
-                    append_jsonl(log_path, dict(iter=it, event="phase_change", phase=int(step_phase)))
-                phases.append(int(step_phase))
-            row = dict(iter=iter_num, phase=int(step_phase), ce=ce, mbe=mbe_reg, lr=step_lr,
-                       ms_per_step=round(1000 * dt, 1), tok_per_s=round(tokens_per_step / dt))
+            row.update(ms_per_step=round(1000 * dt, 1), tok_per_s=round(tokens_per_step / dt))
             if peak:
                 row["mfu"] = round(flops_step / dt / (peak * dist_info.world_size), 4)
             if dist_info.master:
