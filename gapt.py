@@ -1425,7 +1425,8 @@ def plot_training_runs(run_dirs, png_path):
             ax.axhline(0, color="k", lw=0.5)
         ax.set_ylabel(title, fontsize=8)
     axes[0, 0].legend(fontsize=7, ncol=3)
-    axes[0, 0].set_title("shaded: GAPT compression phases", fontsize=8)
+    if any(mode == "gapt" for _, mode, _ in runs):
+        axes[0, 0].set_title("shaded: GAPT compression phases", fontsize=8)
     axes[-1, 0].set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
