@@ -879,15 +879,21 @@ def stop_if_not_finite(value, what, iter_num, cfg):
                          f"(resume with --init_from=resume, perhaps with a lower --learning_rate or --mbe_weight)")
 
 
-def build_run(cfg, dist_info, meta):
-    """Model, optimizer, gate and data stream, fresh or from out_dir/ckpt.pt."""
+def resume_checkpoint(cfg, device):
+    """out_dir/ckpt.pt when resuming (None otherwise). The architecture becomes the checkpoint's,
+    whatever the command line says, before anything (block_size in the data checks) depends on it."""
+    if cfg["init_from"] != "resume":
+        return None
+    checkpoint = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), device)
+    for key in MODEL_KEYS:
+        cfg[key] = checkpoint["config"][key]
+    return checkpoint
+
+
+def build_run(cfg, dist_info, meta, checkpoint):
+    """Model, optimizer, gate and data stream, fresh or from a checkpoint."""
     device = dist_info.device
-    checkpoint = None
-    if cfg["init_from"] == "resume":
-        checkpoint = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), device)
-        for key in MODEL_KEYS:  # the architecture is the checkpoint's, whatever the command line says
-            cfg[key] = checkpoint["config"][key]
-    else:
+    if checkpoint is None:
         cfg["vocab_size"] = model_vocab_size(cfg, meta)
     if meta is not None and meta["vocab_size"] > cfg["vocab_size"]:
         raise SystemExit(f"gapt.py: dataset vocabulary ({meta['vocab_size']}) is larger than the model's "
@@ -916,6 +922,7 @@ def train(cfg):
         raise ConfigError(f"gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) must be a multiple "
                           f"of the number of processes ({dist_info.world_size}): it counts micro-batches over all of them")
     micro_steps = cfg["gradient_accumulation_steps"] // dist_info.world_size
+    checkpoint = resume_checkpoint(cfg, dist_info.device)
     # check the data before anything is written
     meta = load_meta(cfg["data_dir"], cfg["dataset"])
     paths = {split: check_split(cfg["data_dir"], cfg["dataset"], split, cfg["block_size"], meta) for split in ("train", "val")}
@@ -929,7 +936,7 @@ def train(cfg):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
-    model, optimizer, gate, data_gen, iter_num, best_val_loss = build_run(cfg, dist_info, meta)
+    model, optimizer, gate, data_gen, iter_num, best_val_loss = build_run(cfg, dist_info, meta, checkpoint)
     autocast_ctx = autocast_context(cfg, device)
     log_path = os.path.join(cfg["out_dir"], "log.jsonl")
     if dist_info.master:
@@ -1495,6 +1502,8 @@ def final_metrics(out_dir, rows):
     chosen on a validation or OOD split), plus sample.py's exact match if eval_arithmetic.json exists."""
     last = [r for r in rows if r.get("event") == "eval"][-1]
     metrics = dict(last)
+    for block, value in enumerate(last.get("val_mbe_blocks", [])):
+        metrics[f"block {block}"] = value
     path = os.path.join(out_dir, "eval_arithmetic.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -1502,19 +1511,11 @@ def final_metrics(out_dir, rows):
     return metrics
 
 
-def summarize_runs(run_dirs):
-    """A Markdown table: mean ± std over the runs (seeds) of each mode, and the relative change of
-    each mean against the baseline's."""
-    by_mode = {}
-    for out_dir in run_dirs:
-        _, mode, rows = read_run(out_dir)
-        by_mode.setdefault(mode, []).append(final_metrics(out_dir, rows))
-    runs = [m for ms in by_mode.values() for m in ms]
-    keys = [k for k in SUMMARY_KEYS if all(k in m for m in runs)]
+def mode_table(by_mode, keys):
+    """Markdown rows: mean ± std of each key over each mode's runs, and the change of the mean
+    against the baseline's."""
     means = {mode: {k: np.mean([m[k] for m in ms]) for k in keys} for mode, ms in by_mode.items()}
-    lines = [f"final evaluation at iter {sorted({m['iter'] for m in runs})}, mean ± std over runs "
-             f"(change of the mean vs baseline)", "", "| mode | runs | " + " | ".join(keys) + " |",
-             "|---|---:|" + "---:|" * len(keys)]
+    lines = ["| mode | runs | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
     for mode, ms in by_mode.items():
         cells = []
         for k in keys:
@@ -1524,6 +1525,24 @@ def summarize_runs(run_dirs):
                 cell += f" ({100 * (means[mode][k] / means['baseline'][k] - 1):+.1f}%)"
             cells.append(cell)
         lines.append(f"| {mode} | {len(ms)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summarize_runs(run_dirs):
+    """Markdown tables of the runs' final evaluations, by mode: the summary metrics, then the
+    validation MBE of every block (the regularized middle ones and the free ones at both ends)."""
+    by_mode = {}
+    for out_dir in run_dirs:
+        _, mode, rows = read_run(out_dir)
+        by_mode.setdefault(mode, []).append(final_metrics(out_dir, rows))
+    runs = [m for ms in by_mode.values() for m in ms]
+    keys = [k for k in SUMMARY_KEYS if all(k in m for m in runs)]
+    lines = [f"final evaluation at iter {sorted({m['iter'] for m in runs})}, mean ± std over runs "
+             f"(change of the mean vs baseline)", "", *mode_table(by_mode, keys)]
+    n_blocks = min(len(m.get("val_mbe_blocks", [])) for m in runs)
+    if n_blocks:
+        lines += ["", "validation MBE of each block's output", "",
+                  *mode_table(by_mode, [f"block {b}" for b in range(n_blocks)])]
     return "\n".join(lines)
 
 

@@ -160,10 +160,23 @@ def evaluate_arithmetic(model, examples, sep_token, eot_token, decode, device):
     prompts = [ex[:ex.index(sep_token) + 1] for ex in examples]
     truths = [decode(ex[len(prompt):-1]) for ex, prompt in zip(examples, prompts)]
     guesses = [decode(answer) for answer in greedy_answers(model, prompts, eot_token, device)]
+    right = [g == t for g, t in zip(guesses, truths)]
     return dict(examples=len(examples),
-                exact_match=sum(g == t for g, t in zip(guesses, truths)) / len(examples),
+                exact_match=sum(right) / len(examples),
                 answer_ce=gapt.answer_ce(model, examples, sep_token, device),
-                length_error=sum(abs(len(g) - len(t)) for g, t in zip(guesses, truths)) / len(examples))
+                length_error=sum(abs(len(g) - len(t)) for g, t in zip(guesses, truths)) / len(examples),
+                exact_match_by_digits=exact_match_by_digits([decode(p[:-1]) for p in prompts], right))
+
+
+def exact_match_by_digits(questions, right):
+    """Exact match per operand size, e.g. {"1x3": 0.4}: which products a model has learned, where one
+    overall number mixes 1-digit tables with 3 x 3-digit products. "1x3" counts 3*456 and 456*3."""
+    counts = {}
+    for question, ok in zip(questions, right):
+        key = "x".join(str(n) for n in sorted(len(operand) for operand in question.split("*")))
+        hits, total = counts.get(key, (0, 0))
+        counts[key] = (hits + ok, total + 1)
+    return {key: hits / total for key, (hits, total) in sorted(counts.items())}
 
 
 def load_arithmetic_splits(data_dir, dataset, meta, n, checkpoint_path):
@@ -190,6 +203,9 @@ def format_table(rows):
     lines = ["| split | examples | exact match | answer CE | length error |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['split']} | {r['examples']} | {r['exact_match']:.3f} | {r['answer_ce']:.3f} | "
               f"{r['length_error']:.3f} |" for r in rows]
+    lines += ["", "exact match by operand digits:"]
+    lines += [f"  {r['split']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["exact_match_by_digits"].items())
+              for r in rows]
     return "\n".join(lines)
 
 

@@ -352,6 +352,14 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, data):
     assert a["gapt"] == b["gapt"]
 
 
+def test_resume_takes_the_architecture_from_the_checkpoint_before_checking_the_data(tmp_path, data):
+    gapt.train(tiny_config(tmp_path, max_iters=2))
+    # a block_size longer than the 4,000-token val split would be refused, were it the run's
+    gapt.train(tiny_config(tmp_path, init_from="resume", block_size=8192))
+    assert load_ckpt(tmp_path / "out")["config"]["block_size"] == TINY["block_size"]
+    assert [r["iter"] for r in step_rows(tmp_path / "out")][-1] == TINY["max_iters"]
+
+
 def test_gradient_alignment_is_a_cosine_and_leaves_training_unchanged(tmp_path, data):
     gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "off", dropout=0.1, mode="iblm"))
     gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "on", dropout=0.1, mode="iblm", align_interval=2))
@@ -1055,6 +1063,13 @@ def test_exact_match_is_one_for_right_answers_and_zero_for_wrong_ones():
     assert right["answer_ce"] < 1e-6 < 1.0 < wrong["answer_ce"]
 
 
+def test_exact_match_is_broken_down_by_operand_digits():
+    one_digit_only = Calculator(lambda a, b: str(a * b) if min(a, b) < 10 else "1")
+    scores = sample.evaluate_arithmetic(one_digit_only, EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
+    assert scores["exact_match_by_digits"] == {"1x1": 1.0, "2x2": 0.0}
+    assert scores["exact_match"] == 0.75  # 3 of the 4 examples are 1 x 1-digit products
+
+
 def test_greedy_decoding_stops_at_the_end_of_example_token():
     model = Calculator(lambda a, b: str(a * b))
     prompts = [ex[:ex.index(ARITH_EQ) + 1] for ex in EXAMPLES]
@@ -1182,11 +1197,14 @@ def test_plot_without_runs_is_a_clear_error(tmp_path):
         gapt.main(["--task=plot", f"--plot_file={tmp_path / 'x.png'}"])
 
 
-def write_run_log(out_dir, mode, seed, val_ood_answer_ce):
+def write_run_log(out_dir, mode, seed, val_ood_answer_ce=1.0, val_mbe_blocks=None):
     os.makedirs(out_dir)
+    final = dict(iter=10, event="eval", val_ce=2.0, val_ood_answer_ce=val_ood_answer_ce)
+    if val_mbe_blocks is not None:
+        final["val_mbe_blocks"] = val_mbe_blocks
     rows = [dict(event="start", iter=0, config=dict(mode=mode, seed=seed)),
             dict(iter=5, event="eval", val_ce=9.0, val_ood_answer_ce=99.0),  # not the final one: ignored
-            dict(iter=10, event="eval", val_ce=2.0, val_ood_answer_ce=val_ood_answer_ce)]
+            final]
     with open(os.path.join(out_dir, "log.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
@@ -1198,3 +1216,13 @@ def test_the_summary_table_reports_the_final_evaluation_per_mode_and_the_change_
     assert "at iter [10]" in table
     assert "| baseline | 2 | 2.0000 ± 0.0000 | 3.0000 ± 1.4142 |" in table
     assert "| gapt | 1 | 2.0000 ± 0.0000 (+0.0%) | 2.4000 ± 0.0000 (-20.0%) |" in table
+
+
+def test_the_summary_reports_the_validation_mbe_of_every_block(tmp_path):
+    write_run_log(tmp_path / "b1", "baseline", 1, val_mbe_blocks=[1.0, 2.0, 1.0])
+    write_run_log(tmp_path / "b2", "baseline", 2, val_mbe_blocks=[1.0, 1.0, 1.0])
+    write_run_log(tmp_path / "g1", "gapt", 1, val_mbe_blocks=[1.0, 0.3, 1.0])
+    table = gapt.summarize_runs([str(tmp_path / n) for n in ("b1", "b2", "g1")])
+    assert "| mode | runs | block 0 | block 1 | block 2 |" in table
+    assert "| baseline | 2 | 1.0000 ± 0.0000 | 1.5000 ± 0.7071 | 1.0000 ± 0.0000 |" in table
+    assert "| gapt | 1 | 1.0000 ± 0.0000 (+0.0%) | 0.3000 ± 0.0000 (-80.0%) | 1.0000 ± 0.0000 (+0.0%) |" in table
