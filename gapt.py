@@ -1528,21 +1528,49 @@ def mode_table(by_mode, keys):
     return lines
 
 
+def alignment_table(runs_by_mode, window):
+    """Markdown rows for the cycle: per mode, cos(grad CE, grad MBE_reg) in consecutive windows of
+    `window` steps, mean ± standard error over every measurement of every run in the window (one
+    micro-batch is a noisy gradient: single measurements flip sign often), then how many were > 0."""
+    last = max(r["iter"] for rows in sum(runs_by_mode.values(), []) for r in rows if "align_cos" in r)
+    starts = range(0, last + 1, window)
+    lines = ["| mode | runs | sign changes per run | " + " | ".join(f"{a}-{a + window - 1}" for a in starts) + " |",
+             "|---|---:|---:|" + "---:|" * len(starts)]
+    for mode, runs in runs_by_mode.items():
+        series = [[(r["iter"], r["align_cos"]) for r in rows if "align_cos" in r] for rows in runs]
+        flips = np.mean([sum((a > 0) != (b > 0) for (_, a), (_, b) in zip(s, s[1:])) for s in series])
+        cells = []
+        for a in starts:
+            values = [c for s in series for it, c in s if a <= it < a + window]
+            se = np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+            cells.append(f"{np.mean(values):+.2f} ± {se:.2f} ({sum(v > 0 for v in values)}/{len(values)})"
+                         if values else "")
+        lines.append(f"| {mode} | {len(runs)} | {flips:.1f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def summarize_runs(run_dirs):
     """Markdown tables of the runs' final evaluations, by mode: the summary metrics, then the
-    validation MBE of every block (the regularized middle ones and the free ones at both ends)."""
-    by_mode = {}
+    validation MBE of every block (the regularized middle ones and the free ones at both ends),
+    then the alignment cosine over training if the runs measured it."""
+    metrics_by_mode, rows_by_mode = {}, {}
     for out_dir in run_dirs:
         _, mode, rows = read_run(out_dir)
-        by_mode.setdefault(mode, []).append(final_metrics(out_dir, rows))
-    runs = [m for ms in by_mode.values() for m in ms]
+        metrics_by_mode.setdefault(mode, []).append(final_metrics(out_dir, rows))
+        rows_by_mode.setdefault(mode, []).append(rows)
+    runs = [m for ms in metrics_by_mode.values() for m in ms]
     keys = [k for k in SUMMARY_KEYS if all(k in m for m in runs)]
     lines = [f"final evaluation at iter {sorted({m['iter'] for m in runs})}, mean ± std over runs "
-             f"(change of the mean vs baseline)", "", *mode_table(by_mode, keys)]
+             f"(change of the mean vs baseline)", "", *mode_table(metrics_by_mode, keys)]
     n_blocks = min(len(m.get("val_mbe_blocks", [])) for m in runs)
     if n_blocks:
         lines += ["", "validation MBE of each block's output", "",
-                  *mode_table(by_mode, [f"block {b}" for b in range(n_blocks)])]
+                  *mode_table(metrics_by_mode, [f"block {b}" for b in range(n_blocks)])]
+    measured = {mode: rs for mode, rs in rows_by_mode.items() if all(any("align_cos" in r for r in rows) for rows in rs)}
+    if measured:
+        window = next(r["config"]["eval_interval"] for r in rows_by_mode[next(iter(measured))][0] if "config" in r)
+        lines += ["", f"cos(grad CE, grad MBE_reg) per {window} steps: mean ± s.e. over the measurements "
+                      f"(> 0 / all)", "", *alignment_table(measured, window)]
     return "\n".join(lines)
 
 

@@ -1218,6 +1218,22 @@ def test_the_summary_table_reports_the_final_evaluation_per_mode_and_the_change_
     assert "| gapt | 1 | 2.0000 ± 0.0000 (+0.0%) | 2.4000 ± 0.0000 (-20.0%) |" in table
 
 
+def test_the_summary_reports_the_alignment_cosine_per_window_and_its_sign_changes(tmp_path):
+    for name, cosines in (("b1", [0.2, -0.1, -0.3, -0.5]), ("b2", [0.4, 0.1, -0.1, 0.3])):
+        write_run_log(tmp_path / name, "baseline", 1)
+        with open(tmp_path / name / "log.jsonl") as f:
+            rows = [json.loads(line) for line in f]
+        rows[0]["config"]["eval_interval"] = 10
+        rows += [dict(iter=5 * i, align_cos=c) for i, c in enumerate(cosines)]
+        with open(tmp_path / name / "log.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    table = gapt.summarize_runs([str(tmp_path / "b1"), str(tmp_path / "b2")])
+    assert "| mode | runs | sign changes per run | 0-9 | 10-19 |" in table
+    # steps 0-9: 0.2, -0.1, 0.4, 0.1 (mean 0.15, s.e. 0.104, 3 > 0); 10-19: -0.3, -0.5, -0.1, 0.3
+    # sign changes: b1 1, b2 2
+    assert "| baseline | 2 | 1.5 | +0.15 ± 0.10 (3/4) | -0.15 ± 0.17 (1/4) |" in table
+
+
 def test_the_summary_reports_the_validation_mbe_of_every_block(tmp_path):
     write_run_log(tmp_path / "b1", "baseline", 1, val_mbe_blocks=[1.0, 2.0, 1.0])
     write_run_log(tmp_path / "b2", "baseline", 2, val_mbe_blocks=[1.0, 1.0, 1.0])
