@@ -1553,12 +1553,17 @@ def summarize_runs(run_dirs):
     """Markdown tables of the runs' final evaluations, by mode: the summary metrics, then the
     validation MBE of every block (the regularized middle ones and the free ones at both ends),
     then the alignment cosine over training if the runs measured it."""
-    metrics_by_mode, rows_by_mode = {}, {}
+    metrics_by_mode, rows_by_mode, pending = {}, {}, []
     for out_dir in run_dirs:
         _, mode, rows = read_run(out_dir)
+        if not any(r.get("event") == "eval" for r in rows):
+            pending.append(out_dir)  # a run still before its first evaluation: in the figure only
+            continue
         metrics_by_mode.setdefault(mode, []).append(final_metrics(out_dir, rows))
         rows_by_mode.setdefault(mode, []).append(rows)
     runs = [m for ms in metrics_by_mode.values() for m in ms]
+    if not runs:
+        return f"no evaluation yet in {', '.join(pending)}: no table"
     keys = [k for k in SUMMARY_KEYS if all(k in m for m in runs)]
     lines = [f"final evaluation at iter {sorted({m['iter'] for m in runs})}, mean ± std over runs "
              f"(change of the mean vs baseline)", "", *mode_table(metrics_by_mode, keys)]
@@ -1566,6 +1571,8 @@ def summarize_runs(run_dirs):
     if n_blocks:
         lines += ["", "validation MBE of each block's output", "",
                   *mode_table(metrics_by_mode, [f"block {b}" for b in range(n_blocks)])]
+    if pending:
+        lines += ["", f"not in the tables, no evaluation yet: {', '.join(pending)}"]
     measured = {mode: rs for mode, rs in rows_by_mode.items() if all(any("align_cos" in r for r in rows) for rows in rs)}
     if measured:
         window = next(r["config"]["eval_interval"] for r in rows_by_mode[next(iter(measured))][0] if "config" in r)

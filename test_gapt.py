@@ -1234,6 +1234,17 @@ def test_the_summary_reports_the_alignment_cosine_per_window_and_its_sign_change
     assert "| baseline | 2 | 1.5 | +0.15 ± 0.10 (3/4) | -0.15 ± 0.17 (1/4) |" in table
 
 
+def test_the_summary_leaves_out_runs_not_yet_evaluated_and_names_them(tmp_path):
+    write_run_log(tmp_path / "b1", "baseline", 1)
+    os.makedirs(tmp_path / "g1")
+    with open(tmp_path / "g1" / "log.jsonl", "w") as f:
+        f.write(json.dumps(dict(event="start", iter=0, config=dict(mode="gapt", seed=1))) + "\n")
+    table = gapt.summarize_runs([str(tmp_path / "b1"), str(tmp_path / "g1")])
+    assert "| baseline | 1 |" in table and "| gapt |" not in table
+    assert f"no evaluation yet: {tmp_path / 'g1'}" in table
+    assert "no table" in gapt.summarize_runs([str(tmp_path / "g1")])
+
+
 def test_the_summary_reports_the_validation_mbe_of_every_block(tmp_path):
     write_run_log(tmp_path / "b1", "baseline", 1, val_mbe_blocks=[1.0, 2.0, 1.0])
     write_run_log(tmp_path / "b2", "baseline", 2, val_mbe_blocks=[1.0, 1.0, 1.0])
