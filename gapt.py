@@ -1420,11 +1420,13 @@ def plot_training_runs(run_dirs, png_path):
     runs = [read_run(d) for d in run_dirs]
     panels = [(key, title) for key, title in PLOT_PANELS if any(key in r for _, _, rows in runs for r in rows)]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False)
+    modes = [mode for _, mode, _ in runs]
+    styles = [("-", "--", ":", "-.")[modes[:i].count(mode) % 4] for i, mode in enumerate(modes)]  # seeds of a mode
     for ax, (key, title) in zip(axes[:, 0], panels):
-        for label, mode, rows in runs:
+        for (label, mode, rows), style in zip(runs, styles):
             points = [(r["iter"], r[key]) for r in rows if r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), color=MODE_COLORS[mode], alpha=0.8, lw=1, label=label)
+                ax.plot(*zip(*points), color=MODE_COLORS[mode], ls=style, alpha=0.8, lw=1, label=label)
             if mode == "gapt":
                 for first, last in compression_spans(rows, rows[-1]["iter"]):
                     ax.axvspan(first, last, color=MODE_COLORS[mode], alpha=0.08, lw=0)
