@@ -1496,7 +1496,8 @@ def plot_forgetting(json_path, png_path):
     plt.close(fig)
 
 
-SUMMARY_KEYS = ("val_ce", "val_mbe", "val_answer_ce", "val_ood_answer_ce", "val_exact_match", "val_ood_exact_match")
+SUMMARY_KEYS = ("val_ce", "val_mbe", "val_answer_ce", "val_ood_answer_ce", "val_exact_match", "val_ood_exact_match",
+                "compressing", "compression_phases")
 
 
 def final_metrics(out_dir, rows):
@@ -1504,6 +1505,11 @@ def final_metrics(out_dir, rows):
     chosen on a validation or OOD split), plus sample.py's exact match if eval_arithmetic.json exists."""
     last = [r for r in rows if r.get("event") == "eval"][-1]
     metrics = dict(last)
+    # the share of steps with MBE_reg in the loss, and in how many phases: fixed for baseline and iblm
+    mode = next(r["config"]["mode"] for r in rows if r.get("event") == "start")
+    spans = compression_spans(rows, last["iter"])
+    metrics["compressing"] = dict(baseline=0.0, iblm=1.0).get(mode, sum(b - a for a, b in spans) / last["iter"])
+    metrics["compression_phases"] = dict(baseline=0, iblm=1).get(mode, len(spans))
     for block, value in enumerate(last.get("val_mbe_blocks", [])):
         metrics[f"block {block}"] = value
     path = os.path.join(out_dir, "eval_arithmetic.json")

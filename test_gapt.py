@@ -1245,6 +1245,19 @@ def test_the_summary_leaves_out_runs_not_yet_evaluated_and_names_them(tmp_path):
     assert "no table" in gapt.summarize_runs([str(tmp_path / "g1")])
 
 
+def test_the_summary_reports_the_share_of_steps_spent_compressing(tmp_path):
+    write_run_log(tmp_path / "b1", "baseline", 1)
+    write_run_log(tmp_path / "i1", "iblm", 1)
+    write_run_log(tmp_path / "g1", "gapt", 1)
+    with open(tmp_path / "g1" / "log.jsonl", "a") as f:  # compressing over steps 2-3 and 7-9 of 10
+        f.writelines(json.dumps(dict(iter=it, event="phase_change", phase=p)) + "\n" for it, p in ((2, 2), (4, 1), (7, 2)))
+    table = gapt.summarize_runs([str(tmp_path / n) for n in ("b1", "i1", "g1")])
+    assert "| compressing | compression_phases |" in table
+    assert "| 0.0000 ± 0.0000 | 0.0000 ± 0.0000 |" in table.split("| baseline |")[1].split("\n")[0]
+    assert "| 1.0000 ± 0.0000 | 1.0000 ± 0.0000 |" in table.split("| iblm |")[1].split("\n")[0]
+    assert "| 0.5000 ± 0.0000 | 2.0000 ± 0.0000 |" in table.split("| gapt |")[1].split("\n")[0]
+
+
 def test_the_summary_reports_the_validation_mbe_of_every_block(tmp_path):
     write_run_log(tmp_path / "b1", "baseline", 1, val_mbe_blocks=[1.0, 2.0, 1.0])
     write_run_log(tmp_path / "b2", "baseline", 2, val_mbe_blocks=[1.0, 1.0, 1.0])
