@@ -1421,7 +1421,8 @@ def plot_training_runs(run_dirs, png_path):
     panels = [(key, title) for key, title in PLOT_PANELS if any(key in r for _, _, rows in runs for r in rows)]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False)
     modes = [mode for _, mode, _ in runs]
-    styles = [("-", "--", ":", "-.")[modes[:i].count(mode) % 4] for i, mode in enumerate(modes)]  # seeds of a mode
+    dashes = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))  # one per seed of a mode, up to 6
+    styles = [dashes[modes[:i].count(mode) % len(dashes)] for i, mode in enumerate(modes)]
     for ax, (key, title) in zip(axes[:, 0], panels):
         for (label, mode, rows), style in zip(runs, styles):
             points = [(r["iter"], r[key]) for r in rows if r.get(key) is not None]
