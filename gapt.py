@@ -1414,20 +1414,35 @@ PLOT_PANELS = [("ce", "training CE"), ("mbe", "training MBE_reg"), ("val_ood_ans
 MODE_COLORS = dict(baseline="tab:gray", iblm="tab:blue", gapt="tab:red")
 
 
+def mean_curve(curves):
+    """The mean of several runs' [(iter, value)] curves, at the iterations every one of them logged."""
+    by_iter = [dict(curve) for curve in curves]
+    iters = sorted(set.intersection(*(set(d) for d in by_iter)))
+    return iters, [sum(d[it] for d in by_iter) / len(by_iter) for it in iters]
+
+
 def plot_training_runs(run_dirs, png_path):
-    """One panel per quantity the runs logged; GAPT's compression phases shaded in its color."""
+    """One panel per quantity the runs logged; GAPT's compression phases shaded in its color.
+    A mode with several seeds is drawn as thin seed lines under a bold mean: with 5 seeds of 3 modes,
+    15 lines of equal weight hide the comparison the figure is for."""
     plt = import_pyplot()
     runs = [read_run(d) for d in run_dirs]
     panels = [(key, title) for key, title in PLOT_PANELS if any(key in r for _, _, rows in runs for r in rows)]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False)
-    modes = [mode for _, mode, _ in runs]
-    dashes = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))  # one per seed of a mode, up to 6
-    styles = [dashes[modes[:i].count(mode) % len(dashes)] for i, mode in enumerate(modes)]
+    modes = list(dict.fromkeys(mode for _, mode, _ in runs))  # in the order given
     for ax, (key, title) in zip(axes[:, 0], panels):
-        for (label, mode, rows), style in zip(runs, styles):
-            points = [(r["iter"], r[key]) for r in rows if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), color=MODE_COLORS[mode], ls=style, alpha=0.8, lw=1, label=label)
+        for mode in modes:
+            curves = [(label, [(r["iter"], r[key]) for r in rows if r.get(key) is not None])
+                      for label, m, rows in runs if m == mode]
+            curves = [(label, curve) for label, curve in curves if curve]
+            several = len(curves) > 1
+            for label, curve in curves:
+                ax.plot(*zip(*curve), color=MODE_COLORS[mode], lw=0.6 if several else 1,
+                        alpha=0.35 if several else 0.8, label=None if several else label)
+            if several:
+                ax.plot(*mean_curve([curve for _, curve in curves]), color=MODE_COLORS[mode], lw=2,
+                        label=f"{mode}, mean of {len(curves)} seeds")
+        for _, mode, rows in runs:  # the phases of several GAPT seeds overlap and shade darker
             if mode == "gapt":
                 for first, last in compression_spans(rows, rows[-1]["iter"]):
                     ax.axvspan(first, last, color=MODE_COLORS[mode], alpha=0.08, lw=0)
@@ -1435,8 +1450,8 @@ def plot_training_runs(run_dirs, png_path):
             ax.axhline(0, color="k", lw=0.5)
         ax.set_ylabel(title, fontsize=8)
     axes[0, 0].legend(fontsize=7, ncol=3)
-    if any(mode == "gapt" for _, mode, _ in runs):
-        axes[0, 0].set_title("shaded: GAPT compression phases", fontsize=8)
+    if "gapt" in modes:
+        axes[0, 0].set_title("shaded: GAPT compression phases (darker where more seeds compress)", fontsize=8)
     axes[-1, 0].set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)

@@ -1184,11 +1184,19 @@ def test_compression_phases_are_read_from_the_phase_change_rows():
     assert gapt.compression_spans(rows, last_iter=20) == [(3, 5), (12, 20)]
 
 
+def test_the_mean_curve_averages_runs_at_the_iterations_all_of_them_logged():
+    curves = [[(0, 1.0), (5, 2.0), (10, 3.0)], [(0, 3.0), (10, 5.0)], [(0, 2.0), (5, 9.0), (10, 4.0)]]
+    assert gapt.mean_curve(curves) == ([0, 10], [2.0, 4.0])
+
+
 def test_plot_draws_the_logged_runs_into_a_png(tmp_path, data):
     pytest.importorskip("matplotlib")
     gapt.train(tiny_config(tmp_path, mode="gapt", patience_mem=1, delta_ce=0.5, align_interval=2))
+    for seed in (1, 2):  # a mode with several seeds is drawn with its mean
+        write_run_log(tmp_path / f"baseline-{seed}", "baseline", seed)
     plot_file = tmp_path / "figure.png"
-    gapt.main(["--task=plot", f"--plot_runs={tmp_path / 'out'}", f"--plot_file={plot_file}"])
+    runs = ",".join(str(tmp_path / d) for d in ("out", "baseline-1", "baseline-2"))
+    gapt.main(["--task=plot", f"--plot_runs={runs}", f"--plot_file={plot_file}"])
     assert plot_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
