@@ -890,6 +890,20 @@ def resume_checkpoint(cfg, device):
     return checkpoint
 
 
+def check_data(cfg):
+    """The dataset's meta.json, its train and val files and the arithmetic answer sets, checked
+    before anything is written: a bad dataset stops the run with nothing in out_dir to clean up."""
+    meta = load_meta(cfg["data_dir"], cfg["dataset"])
+    paths = {split: check_split(cfg["data_dir"], cfg["dataset"], split, cfg["block_size"], meta) for split in ("train", "val")}
+    answer_sets = load_answer_sets(cfg, meta)
+    for split, (examples, _) in answer_sets.items():
+        longest = max(len(e) for e in examples)  # scored with the example as input, minus its last token
+        if longest - 1 > cfg["block_size"]:
+            raise ConfigError(f"block_size ({cfg['block_size']}) is too short for the {split} examples of "
+                              f"'{cfg['dataset']}' ({longest} tokens); use at least {longest - 1}")
+    return meta, paths, answer_sets
+
+
 def build_run(cfg, dist_info, meta, checkpoint):
     """Model, optimizer, gate and data stream, fresh or from a checkpoint."""
     device = dist_info.device
@@ -923,15 +937,7 @@ def train(cfg):
                           f"of the number of processes ({dist_info.world_size}): it counts micro-batches over all of them")
     micro_steps = cfg["gradient_accumulation_steps"] // dist_info.world_size
     checkpoint = resume_checkpoint(cfg, dist_info.device)
-    # check the data before anything is written
-    meta = load_meta(cfg["data_dir"], cfg["dataset"])
-    paths = {split: check_split(cfg["data_dir"], cfg["dataset"], split, cfg["block_size"], meta) for split in ("train", "val")}
-    answer_sets = load_answer_sets(cfg, meta)
-    for split, (examples, _) in answer_sets.items():
-        longest = max(len(e) for e in examples)  # scored with the example as input, minus its last token
-        if longest - 1 > cfg["block_size"]:
-            raise ConfigError(f"block_size ({cfg['block_size']}) is too short for the {split} examples of "
-                              f"'{cfg['dataset']}' ({longest} tokens); use at least {longest - 1}")
+    meta, paths, answer_sets = check_data(cfg)
     device = dist_info.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
