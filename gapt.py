@@ -359,6 +359,8 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None, None
         logits = self.lm_head(x)
+        # log-softmax in float32: summed over the vocabulary in bf16 (3 significant digits), CE would be
+        # off by more than the 0.01 changes the GAPT gate watches
         ce = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
         return logits, ce, torch.stack(block_mbes)
 
@@ -372,7 +374,7 @@ class GPT(nn.Module):
         produced stop_token (rows that finished keep generating; callers cut at stop_token)."""
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            logits, _, _ = self(idx[:, -self.config.block_size:])
+            logits, _, _ = self(idx[:, -self.config.block_size:])  # wpe has only block_size positions
             logits = logits[:, -1, :]
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
