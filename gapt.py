@@ -575,10 +575,13 @@ def draw_step_windows(generator, n_tokens, micro_steps, batch_size, block_size, 
 # Arithmetic evaluation: answer CE, the paper's OOD metric (used by gapt.py and sample.py).
 # -----------------------------------------------------------------------------
 def split_examples(tokens, eot_token):
-    """uint16 tokens -> list of examples, each a list of ids ending with eot_token."""
+    """uint16 tokens -> list of examples, each a list of ids that starts and ends with eot_token.
+    The leading eot is the previous example's end, as in every training window: without it the model
+    reads `12*34=` at position 0 as it reads the start of a training window, where the first operand
+    is most often cut (`...12*34=`), and scores far below what it has learned (README, arithmetic)."""
     ends = np.flatnonzero(np.asarray(tokens) == eot_token)
     starts = np.concatenate(([0], ends[:-1] + 1))
-    return [tokens[s:e + 1].astype(np.int64).tolist() for s, e in zip(starts, ends)]
+    return [[eot_token] + tokens[s:e + 1].astype(np.int64).tolist() for s, e in zip(starts, ends)]
 
 
 @torch.no_grad()

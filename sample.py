@@ -165,7 +165,7 @@ def evaluate_arithmetic(model, examples, sep_token, eot_token, decode, device):
                 exact_match=sum(right) / len(examples),
                 answer_ce=gapt.answer_ce(model, examples, sep_token, device),
                 length_error=sum(abs(len(g) - len(t)) for g, t in zip(guesses, truths)) / len(examples),
-                exact_match_by_digits=exact_match_by_digits([decode(p[:-1]) for p in prompts], right))
+                exact_match_by_digits=exact_match_by_digits([decode(p[1:-1]) for p in prompts], right))  # `\na*b=` -> `a*b`
 
 
 def exact_match_by_digits(questions, right):

@@ -1035,12 +1035,17 @@ class Calculator:
                             for row in idx.tolist()])
 
 
-EXAMPLES = [encode_chars(line + "\n") for line in ("2*3=6", "9*9=81", "12*34=408", "7*0=0")]
+EXAMPLES = [encode_chars("\n" + line + "\n") for line in ("2*3=6", "9*9=81", "12*34=408", "7*0=0")]  # as split_examples gives them
 
 
 # -----------------------------------------------------------------------------
 # Answer CE, exact match and greedy decoding
 # -----------------------------------------------------------------------------
+def test_examples_are_scored_after_the_end_of_example_token_that_precedes_them_in_training():
+    tokens = np.array(encode_chars("2*3=6\n12*34=408\n"), dtype=np.uint16)
+    assert gapt.split_examples(tokens, ARITH_EOT) == [encode_chars("\n2*3=6\n"), encode_chars("\n12*34=408\n")]
+
+
 def test_answer_ce_is_the_mean_ce_over_the_answer_digits_only():
     model = TableModel(len(ARITHMETIC_CHARS), length=16)
     losses = []
