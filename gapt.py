@@ -641,8 +641,22 @@ def setup_distributed(cfg):
     device = resolve_device(cfg["device"], local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # torch._dynamo (imported by torch.compile and by DDP) keeps references to a process group that
+    # exists when it is first imported, and the group would then outlive shutdown_distributed()
+    import torch._dynamo  # noqa: F401
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, local_rank, world_size, device)
+
+
+def shutdown_distributed(dist_info):
+    """Destroy the process group while Python is fully alive. Its last reference going away joins the
+    gloo worker threads, with the GIL released, so a worker still freeing a finished collective's
+    tensor (which takes the GIL) completes now. Left to interpreter exit, that worker would take the
+    GIL during finalization, where Python ends the thread and C++ aborts the process (SIGABRT,
+    "terminate called without an active exception") after a run that succeeded. The caller drops
+    its DDP wrapper first: DDP holds a reference to the group."""
+    if dist_info.ddp:
+        dist.destroy_process_group()
 
 
 def all_reduce_mean(tensor, dist_info):
@@ -1015,8 +1029,8 @@ def train(cfg):
                         model=model.state_dict(), optimizer=optimizer.state_dict(), config=cfg, iter_num=iter_num,
                         best_val_loss=best_val_loss, gapt=gate.state_dict(), rng=rngs))
             t_log = time.time()  # evaluation time is not training time
-    if dist_info.ddp:
-        dist.destroy_process_group()
+    del train_model  # DDP holds the process group, which must go now (see shutdown_distributed)
+    shutdown_distributed(dist_info)
     return dict(model=model, gate=gate, phases=phases)
 
 
@@ -1085,6 +1099,8 @@ def run_bench(cfg):
                 run_step()
             synchronize(device)
             timings[name].append((time.perf_counter() - t0) / cfg["bench_steps"])
+    del variants, train_model  # they hold the DDP wrapper, which holds the process group
+    shutdown_distributed(dist_info)
     return report_bench(cfg, model, timings, dist_info)
 
 
@@ -1123,8 +1139,6 @@ def report_bench(cfg, model, timings, dist_info):
             print(format_row(row))
         with open(os.path.join(cfg["out_dir"], "bench.json"), "w") as f:
             json.dump(summary, f, indent=1)
-    if dist_info.ddp:
-        dist.destroy_process_group()
     return summary
 
 
