@@ -11,11 +11,11 @@ Run it:
     python gapt.py                                   # the paper's FineWeb run, one process
     python gapt.py config/shakespeare.py --mode=gapt # a config file plus overrides
     torchrun --nproc_per_node=8 gapt.py              # 8 GPUs, DDP
-    python gapt.py --task=forgetting                 # the catastrophic-forgetting toy
+    python gapt.py --help                            # every key, its default and what it does
 
-The file reads top to bottom in the order things happen: config, MBE, the model, the IBLM loss,
-the GAPT gate, gradient alignment, data, checkpoints, evaluation, the training loop; then the
-benchmark, the forgetting toy and the figures.
+Read it top to bottom: the config, MBE, the model, the IBLM loss, the GAPT gate, the gradient
+alignment probe, data, evaluation and the training loop, in the order things happen. Below
+train() is the plumbing a first reading can skip: config checks, processes, checkpoints, data checks.
 """
 
 import ast
@@ -41,9 +41,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # The defaults are the paper's FineWeb run with GPT-2 124M (about 1M tokens per step).
 # -----------------------------------------------------------------------------
 DEFAULTS = dict(
-    # what to run
-    task="pretrain",  # 'pretrain' (language modelling), 'forgetting' (the toy of the paper), 'bench' or 'plot'
-
     mode="gapt",  # 'baseline' (CE only), 'iblm' (CE + lambda*MBE always) or 'gapt' (gated)
     # I/O
     out_dir="out",  # checkpoint ckpt.pt and log.jsonl go here
@@ -89,118 +86,12 @@ DEFAULTS = dict(
     beta1=0.9,  # AdamW beta1
     beta2=0.95,  # AdamW beta2
     grad_clip=1.0,  # clip the global gradient norm to this; 0 = off
-    # the conflicting-memories toy (--task=forgetting; see its section)
-    forget_steps=1000,  # optimizer steps per task; both schedules run 2 * forget_steps steps
-    forget_seeds=5,  # seeds 0..n-1; a seed fixes teacher, shift, data and batches for every mode
-    forget_batch_size=32,  # samples per step; this batch is the "sequence" MBE is taken over (paper: 32)
-    forget_patch_size=8,  # MBE patch length inside the batch (paper: 8, max MBE = log 8)
-    forget_lr=1e-3,  # Adam learning rate, fixed (no schedule: the task switch is the only event)
-    forget_mbe_weight=1.0,  # lambda of CE + lambda * MBE for iblm and for gapt's compression phase (paper: 1)
-    forget_n_eval=1000,  # held-out samples per distribution for separation, losses and MBE
-    forget_eval_interval=20,  # steps between points of the logged curves
-    forget_delta_ce=0.01,  # gate: an L1 drop smaller than this is no progress (paper's value)
-    forget_delta_mbe=0.002,  # gate: an MBE drop smaller than this is no progress (paper's value)
-    # The paper waits 125 steps of a 1750-step run (~7%). One task here is 1000 steps, so the same
-    # fraction of a task is 125 * 1000 / 1750 ~= 70 steps: room for several cycles per task.
-    forget_patience_mem=70,  # gate: steps without L1 progress before compressing
-    forget_patience_comp=70,  # gate: steps without MBE progress before memorizing again
-    forget_tau=0.1,  # gate: relative L1 rise that aborts compression (paper's value)
-    # the benchmark (--task=bench): training steps timed side by side, no eval, no checkpoints
-    bench_steps=20,  # timed optimizer steps per variant per round
-    bench_rounds=5,  # rounds; variants take turns within a round and the median round is reported
-    # figures (--task=plot)
-    plot_runs="",  # comma-separated out_dirs of the runs to draw (or one forgetting out_dir)
-    plot_file="assets/runs.png",  # where the figure goes
     # system
     device="auto",  # 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype="auto",  # 'auto' (bfloat16 on CUDA, float32 elsewhere), 'bfloat16' or 'float32'
     compile=True,  # torch.compile the model (training steps only)
     seed=1337,  # one seed for init, data order and dropout
 )
-
-CHOICES = dict(
-    task=("pretrain", "forgetting", "bench", "plot"),
-    mode=("baseline", "iblm", "gapt"),
-    init_from=("scratch", "resume"),
-    dtype=("auto", "bfloat16", "float32"),
-)
-
-
-class ConfigError(SystemExit):
-    """Bad configuration: exits non-zero with a message naming the key, before anything is written."""
-
-    def __init__(self, message):
-        super().__init__(f"{os.path.basename(sys.argv[0])}: {message}")  # gapt.py or sample.py
-
-
-def coerce(key, value, default):
-    """Check a new value against the type of its default; ints are accepted where floats are."""
-    expected = type(default)
-    if expected is float and type(value) is int:
-        return float(value)
-    if type(value) is not expected:
-        raise ConfigError(f"{key} must be {expected.__name__} (like the default {default!r}), got {value!r}")
-    return value
-
-
-def parse_value(text, default):
-    """A command-line value is a Python literal (3, 1e-4, True); strings need no quotes."""
-    if isinstance(default, str):
-        return text
-    if isinstance(default, bool) and text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # coerce() reports the type mismatch with the key's name
-
-
-def parse_config(argv, defaults):
-    """Defaults, then config files (python files of assignments) in order, then --key=value.
-    Unknown keys and wrong types are errors. sample.py parses its own options with it too."""
-    cfg = dict(defaults)
-    for arg in argv:
-        if arg.startswith("--"):
-            key, has_value, text = arg[2:].partition("=")
-            if not has_value:
-                raise ConfigError(f"write overrides as --key=value, got {arg!r}")
-            updates = {key: parse_value(text, cfg.get(key, ""))}
-        else:
-            if not os.path.isfile(arg):
-                raise ConfigError(f"config file {arg!r} not found (arguments are config files or --key=value)")
-            namespace = {}
-            exec(open(arg).read(), {}, namespace)
-            updates = {k: v for k, v in namespace.items() if not k.startswith("_")}
-        for key, value in updates.items():
-            if key not in cfg:
-                raise ConfigError(f"unknown config key {key!r} (the keys are the defaults at the top of the script)")
-            cfg[key] = coerce(key, value, defaults[key])
-    return cfg
-
-
-def load_config(argv):
-    cfg = parse_config(argv, DEFAULTS)
-    validate_config(cfg)
-    return cfg
-
-
-def validate_config(cfg):
-    for key, allowed in CHOICES.items():
-        if cfg[key] not in allowed:
-            raise ConfigError(f"{key} must be one of {allowed}, got {cfg[key]!r}")
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
-                "patch_size", "max_iters", "eval_iters", "log_interval", "eval_interval"):
-        if cfg[key] <= 0:
-            raise ConfigError(f"{key} must be positive, got {cfg[key]}")
-    if cfg["block_size"] % cfg["patch_size"]:
-        raise ConfigError(f"block_size ({cfg['block_size']}) must be a multiple of patch_size ({cfg['patch_size']}): "
-                          f"the patch MBE cuts each sequence into whole patches")
-    if cfg["n_embd"] % cfg["n_head"]:
-        raise ConfigError(f"n_embd ({cfg['n_embd']}) must be a multiple of n_head ({cfg['n_head']})")
-    if cfg["mbe_skip_first"] < 0 or cfg["mbe_skip_last"] < 0 or cfg["mbe_skip_first"] + cfg["mbe_skip_last"] >= cfg["n_layer"]:
-        raise ConfigError(f"mbe_skip_first + mbe_skip_last ({cfg['mbe_skip_first']} + {cfg['mbe_skip_last']}) "
-                          f"must leave at least one of the {cfg['n_layer']} blocks to regularize")
-
 
 # -----------------------------------------------------------------------------
 # Matrix-based entropy (MBE): how spread out a set of token representations is.
@@ -258,18 +149,6 @@ class GPTConfig:
     patch_size: int = 8
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -304,9 +183,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x):
@@ -322,7 +201,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = LayerNorm(config.n_embd, config.bias)
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
@@ -423,11 +302,30 @@ def mbe_weight_for(mode, mbe_weight, gate):
 # -----------------------------------------------------------------------------
 # GAPT: the Gated Phase Transition. Memorize (CE only) until CE stops improving, then compress
 # (CE + lambda * MBE) until MBE stops improving or CE gets worse by more than tau; repeat.
+# Called once per optimizer step with the step's training CE and MBE_reg; returns the next phase:
+#
+#   init: phase = 1; s_m = s_c = 0; ce_min = mbe_min = +inf
+#   step(ce, mbe):
+#     if phase == 1:                                  # memorization
+#         s_m = 0 if ce < ce_min - delta_ce else s_m + 1
+#         ce_min = min(ce_min, ce)
+#         if s_m >= patience_mem:                     # CE has plateaued: compress
+#             phase, s_c, ce_min, mbe_min = 2, 0, +inf, +inf
+#     else:                                           # compression
+#         ce_min = min(ce_min, ce)
+#         if ce > (1 + tau) * ce_min:                 # CE got worse: memorize again
+#             phase, s_m = 1, 0
+#         else:
+#             s_c = 0 if mbe < mbe_min - delta_mbe else s_c + 1
+#             mbe_min = min(mbe_min, mbe)
+#             if s_c >= patience_comp:                # MBE has plateaued: memorize again
+#                 phase, s_m = 1, 0
+#     return phase
 # -----------------------------------------------------------------------------
 class GAPT:
-    """The gate of PAPER.md, to the letter. Its state lives in 0-d tensors on `device`, and step()
-    returns the next phase as a tensor, so that calling it every optimizer step on GPU losses never
-    makes the CPU wait for the GPU; read `phase` (an int) only when you need it on the host."""
+    """The rule above, to the letter. Its state lives in 0-d tensors on `device` and step() returns
+    the next phase as a tensor, so that calling it every optimizer step on GPU losses never makes
+    the CPU wait for the GPU; read `phase` (an int) only when you need it on the host."""
 
     def __init__(self, delta_ce=0.01, delta_mbe=0.002, patience_mem=125, patience_comp=125, tau=0.1, device="cpu"):
         self.delta_ce, self.delta_mbe, self.tau = delta_ce, delta_mbe, tau
@@ -440,30 +338,25 @@ class GAPT:
         return int(self.state["phase"])
 
     def step(self, ce, mbe):
-        """Feed one optimizer step's training CE and MBE_reg; returns the phase of the next step.
-        Both branches of the pseudo-code are computed and the right one is selected with where(),
-        which is how a branch on GPU values is taken without a host-device sync."""
+        """Each branch of the rule computes its whole outcome, then one where() selects: an `if` on a
+        GPU value would make the CPU wait for it, a where() never does."""
         s, where = self.state, torch.where
-        # float64 so that the comparisons with delta are those of the pseudo-code in Python floats
+        # float64 so that the comparisons with delta are those of the rule in Python floats
         ce, mbe = (torch.as_tensor(v, dtype=torch.float64, device=self.device).detach() for v in (ce, mbe))
-        memorizing = s["phase"] == 1
-        ce_min = torch.minimum(s["ce_min"], ce)  # both phases first track the best CE
-        # memorization: count steps without CE progress; start compressing after patience_mem
+        ce_min = torch.minimum(s["ce_min"], ce)  # both branches first track the best CE
+
         s_m = where(ce < s["ce_min"] - self.delta_ce, 0, s["s_m"] + 1)
-        start_compressing = memorizing & (s_m >= self.patience_mem)
-        # compression: stop on a CE spike, else count steps without MBE progress
-        ce_spike = ce > (1 + self.tau) * ce_min
+        plateau = s_m >= self.patience_mem
+        memorize = dict(phase=where(plateau, 2, 1), s_m=s_m, s_c=where(plateau, 0, s["s_c"]),
+                        ce_min=where(plateau, math.inf, ce_min), mbe_min=where(plateau, math.inf, s["mbe_min"]))
+
+        spike = ce > (1 + self.tau) * ce_min
         s_c = where(mbe < s["mbe_min"] - self.delta_mbe, 0, s["s_c"] + 1)
-        mbe_min = torch.minimum(s["mbe_min"], mbe)
-        tracks_mbe = ~memorizing & ~ce_spike  # the pseudo-code's compression `else` branch
-        stop_compressing = ~memorizing & (ce_spike | (s_c >= self.patience_comp))
-        self.state = dict(
-            phase=where(start_compressing, 2, where(stop_compressing, 1, s["phase"])),
-            s_m=where(memorizing, s_m, where(stop_compressing, 0, s["s_m"])),
-            s_c=where(start_compressing, 0, where(tracks_mbe, s_c, s["s_c"])),
-            ce_min=where(start_compressing, math.inf, ce_min),
-            mbe_min=where(start_compressing, math.inf, where(tracks_mbe, mbe_min, s["mbe_min"])),
-        )
+        done = spike | (s_c >= self.patience_comp)
+        compress = dict(phase=where(done, 1, 2), s_m=where(done, 0, s["s_m"]), s_c=where(spike, s["s_c"], s_c),
+                        ce_min=ce_min, mbe_min=where(spike, s["mbe_min"], torch.minimum(s["mbe_min"], mbe)))
+
+        self.state = {k: where(s["phase"] == 1, memorize[k], compress[k]) for k in s}
         return self.state["phase"]
 
     def state_dict(self):
@@ -512,41 +405,13 @@ def gradient_alignment(model, X, Y, skip_first, skip_last, autocast_ctx):
 # -----------------------------------------------------------------------------
 # Data: random windows from data_dir/<dataset>/<split>.bin (uint16 tokens, see prepare_data.py).
 # -----------------------------------------------------------------------------
-def prepare_command(dataset):
-    if dataset in ("fineweb", "arithmetic"):
-        return f"python prepare_data.py {dataset}"
-    return f"python prepare_data.py text --files 'path/to/*.txt' --name {dataset}"
-
-
-def load_meta(data_dir, dataset):
-    """The dataset's meta.json (tokenizer, vocab_size, eot_token, tokens per split), or None."""
-    path = os.path.join(data_dir, dataset, "meta.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"gapt.py: {path} is not valid JSON ({e}); re-create it with: {prepare_command(dataset)}")
-
-
-def check_split(data_dir, dataset, split, block_size, meta):
-    """Stop early, with the command that fixes it, rather than train on a missing or truncated file."""
-    path = os.path.join(data_dir, dataset, f"{split}.bin")
-    fix = f"prepare it with: {prepare_command(dataset)}"
-    if not os.path.exists(path):
-        raise SystemExit(f"gapt.py: dataset '{dataset}' has no {path}; {fix}")
-    size = os.path.getsize(path)
-    if size % 2:
-        raise SystemExit(f"gapt.py: {path} has an odd number of bytes, so it is not uint16 tokens; {fix}")
-    n_tokens = size // 2
-    expected = (meta or {}).get("tokens", {}).get(split)
-    if expected is not None and expected != n_tokens:
-        raise SystemExit(f"gapt.py: {path} holds {n_tokens} tokens but meta.json says {expected} (interrupted write?); {fix}")
-    if n_tokens <= block_size:
-        raise SystemExit(f"gapt.py: {path} has {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
-                         f"lower block_size or {fix}")
-    return path
+def draw_step_windows(generator, n_tokens, micro_steps, batch_size, block_size, rank, world_size):
+    """Start positions (micro_steps, batch_size) of this rank's windows for one optimizer step.
+    Every rank draws the whole step's windows from one generator with the same seed and keeps its
+    own rows: ranks see different data, and the run is the same as a single process with the
+    same global batch (tested), whatever the number of processes."""
+    starts = torch.randint(n_tokens - block_size, (micro_steps * world_size, batch_size), generator=generator)
+    return starts[rank::world_size].numpy()  # host indices: reading them never waits for a GPU
 
 
 def load_windows(path, starts, block_size, device):
@@ -562,18 +427,39 @@ def load_windows(path, starts, block_size, device):
     return x.to(device), y.to(device)
 
 
-def draw_step_windows(generator, n_tokens, micro_steps, batch_size, block_size, rank, world_size):
-    """Start positions (micro_steps, batch_size) of this rank's windows for one optimizer step.
-    Every rank draws the whole step's windows from one generator with the same seed and keeps its
-    own rows: ranks see different data, and the run is the same as a single process with the
-    same global batch (tested), whatever the number of processes."""
-    starts = torch.randint(n_tokens - block_size, (micro_steps * world_size, batch_size), generator=generator)
-    return starts[rank::world_size].numpy()  # host indices: reading them never waits for a GPU
+# -----------------------------------------------------------------------------
+# Evaluation: validation CE and per-block MBE, averaged over ranks; on arithmetic, the answer CE,
+# the paper's out-of-distribution metric (sample.py uses the same functions).
+# -----------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, cfg, paths, answer_sets, autocast_ctx, dist_info):
+    """The same windows at every evaluation (a fixed generator per rank), so that evaluations
+    compare like with like, and no draw from the training data stream."""
+    model.eval()
+    results = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(cfg.seed + 1 + dist_info.rank)
+        n_tokens = os.path.getsize(paths[split]) // 2
+        sums = torch.zeros(1 + cfg.n_layer, device=dist_info.device)  # [ce, mbe of each block]
+        for _ in range(cfg.eval_iters):
+            starts = torch.randint(n_tokens - cfg.block_size, (cfg.batch_size,), generator=gen).numpy()
+            x, y = load_windows(paths[split], starts, cfg.block_size, dist_info.device)
+            with autocast_ctx:
+                _, ce, mbe_blocks = model(x, y)
+            sums += torch.cat([ce.view(1), mbe_blocks])
+        means = all_reduce_mean(sums / cfg.eval_iters, dist_info)
+        results[f"{split}_ce"] = means[0].item()
+        if split == "val":
+            results["val_mbe"] = regularized_mbe(means[1:], cfg.mbe_skip_first, cfg.mbe_skip_last).item()
+            results["val_mbe_blocks"] = [round(v, 5) for v in means[1:].tolist()]
+    for split, (examples, sep_token) in answer_sets.items():
+        # every rank scores the same fixed examples, so there is nothing to average
+        with autocast_ctx:
+            results[f"{split}_answer_ce"] = answer_ce(model, examples, sep_token, dist_info.device)
+    model.train()
+    return results
 
 
-# -----------------------------------------------------------------------------
-# Arithmetic evaluation: answer CE, the paper's OOD metric (used by gapt.py and sample.py).
-# -----------------------------------------------------------------------------
 def split_examples(tokens, eot_token):
     """uint16 tokens -> list of examples, each a list of ids that starts and ends with eot_token.
     The leading eot is the previous example's end, as in every training window: without it the model
@@ -607,6 +493,267 @@ def answer_ce(model, examples, sep_token, device, batch_size=256):
 
 
 # -----------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------
+def learning_rate(it, cfg):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def train_step(model, optimizer, starts, weight, cfg, train_path, autocast_ctx, dist_info):
+    """One optimizer step over this rank's micro-batches (starts: (micro_steps, batch_size)).
+    Returns the step's (ce, mbe_reg), averaged over micro-batches and ranks, still on the device."""
+    micro_steps = len(starts)
+    stats = torch.zeros(2, device=dist_info.device)
+    X, Y = load_windows(train_path, starts[0], cfg.block_size, dist_info.device)
+    for micro_step in range(micro_steps):
+        if dist_info.ddp:
+            # DDP decides during the forward pass whether the coming backward all-reduces gradients,
+            # so the flag is set before it: only the last micro-step pays for communication
+            model.require_backward_grad_sync = micro_step == micro_steps - 1
+        with autocast_ctx:
+            _, ce, mbe_blocks = model(X, Y)
+        mbe_reg = regularized_mbe(mbe_blocks, cfg.mbe_skip_first, cfg.mbe_skip_last)
+        loss = iblm_loss(ce, mbe_reg, weight) / micro_steps  # the mean over micro-batches, not the sum
+        if micro_step + 1 < micro_steps:  # read the next batch from disk while the GPU works
+            X, Y = load_windows(train_path, starts[micro_step + 1], cfg.block_size, dist_info.device)
+        loss.backward()
+        stats += torch.stack([ce.detach(), mbe_reg.detach()])
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # the gate sees the all-reduced losses: every rank takes the same decision, always
+    return all_reduce_mean(stats / micro_steps, dist_info)
+
+
+def measure_alignment(model, starts, cfg, train_path, autocast_ctx, dist_info):
+    """The alignment on this step's first micro-batch, averaged over ranks (NaN marks None)."""
+    X, Y = load_windows(train_path, starts, cfg.block_size, dist_info.device)
+    overall, per_block = gradient_alignment(model, X, Y, cfg.mbe_skip_first, cfg.mbe_skip_last, autocast_ctx)
+    values = torch.stack([overall] + [torch.tensor(math.nan, device=X.device) if c is None else c for c in per_block])
+    values = all_reduce_mean(values.float(), dist_info).tolist()
+    return dict(align_cos=values[0], align_cos_blocks=[None if math.isnan(v) else round(v, 5) for v in values[1:]])
+
+
+def read_back_steps(history, phases, cfg, log_path, dist_info):
+    """The losses and phases of the steps since the last log, read from the device in one sync:
+    each step's loss is checked, each phase change gets its row, and the last step's row is returned."""
+    values = torch.stack([torch.cat([s, p.view(1).to(s)]) for _, _, s, p in history]).tolist()
+    for (it, lr, _, _), (ce, mbe_reg, phase) in zip(history, values):
+        stop_if_not_finite(ce, "the training loss", it, cfg)
+        if phases and phase != phases[-1] and dist_info.master:
+            append_jsonl(log_path, dict(iter=it, event="phase_change", phase=int(phase)))
+        phases.append(int(phase))
+    return dict(iter=it, phase=int(phase), ce=ce, mbe=mbe_reg, lr=lr)
+
+
+def train(cfg):
+    dist_info = setup_distributed(cfg)
+    device = dist_info.device
+    micro_steps = micro_steps_per_process(cfg, dist_info)
+    checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device) if cfg.init_from == "resume" else None
+    if checkpoint is not None:  # resuming: the architecture is the checkpoint's, whatever the command line says
+        cfg.update({key: checkpoint["config"][key] for key in MODEL_KEYS})
+    meta, paths, answer_sets = check_data(cfg)
+    if checkpoint is None:
+        cfg.vocab_size = model_vocab_size(cfg, meta)
+    model, optimizer, gate, data_gen = build_run(cfg, dist_info, meta)
+    iter_num, best_val_loss = restore_run(checkpoint, model, optimizer, gate, data_gen, dist_info)
+    autocast_ctx = autocast_context(cfg, device)
+    log_path = start_log(cfg, dist_info, iter_num, model, micro_steps)
+    # the training graph: compiled once (and wrapped in DDP); evaluation and alignment use `model`
+    train_model = wrap_for_training(model, cfg, dist_info)
+
+    n_train = os.path.getsize(paths["train"]) // 2
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    flops_step, peak = flops_per_token(model) * tokens_per_step, peak_flops(device)
+    history = []  # (iter, lr, [ce, mbe], phase) of the steps since the last log, still on the device
+    phases = []  # the phase of every step, for the caller
+    t_log = time.time()
+    while iter_num < cfg.max_iters:
+        # this step's learning rate and data (every rank draws the same windows and keeps its share)
+        lr = learning_rate(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        starts = draw_step_windows(data_gen, n_train, micro_steps, cfg.batch_size, cfg.block_size,
+                                   dist_info.rank, dist_info.world_size)
+
+        # the cycle probe: cos(grad CE, grad MBE_reg) on this step's first micro-batch, before the update
+        if cfg.align_interval and iter_num % cfg.align_interval == 0:
+            row = dict(iter=iter_num, **measure_alignment(model, starts[0], cfg, paths["train"], autocast_ctx, dist_info))
+            if dist_info.master:
+                append_jsonl(log_path, row)
+
+        # one optimizer step with this step's lambda, then the gate decides the next step's phase
+        # (the logged phase says whether MBE was in the loss: the gate's, always 2 in iblm, 1 in baseline)
+        phase = gate.state["phase"] if cfg.mode == "gapt" else torch.tensor(2 if cfg.mode == "iblm" else 1)
+        weight = mbe_weight_for(cfg.mode, cfg.mbe_weight, gate)
+        stats = train_step(train_model, optimizer, starts, weight, cfg, paths["train"], autocast_ctx, dist_info)
+        if cfg.mode == "gapt":
+            gate.step(stats[0], stats[1])
+        iter_num += 1
+        history.append((iter_num, lr, stats, phase))
+
+        # logging: the loop's one host-device sync, every log_interval steps (read_back_steps)
+        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            row = read_back_steps(history, phases, cfg, log_path, dist_info)
+            dt = (time.time() - t_log) / len(history)
+            row.update(ms_per_step=round(1000 * dt, 1), tok_per_s=round(tokens_per_step / dt))
+            if peak:
+                row["mfu"] = round(flops_step / dt / (peak * dist_info.world_size), 4)
+            if dist_info.master:
+                append_jsonl(log_path, row)
+                print(format_row(row))
+            history, t_log = [], time.time()
+
+        # evaluation and checkpoint (the RNG states of every rank go in, so resuming is exact)
+        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+            results = evaluate(model, cfg, paths, answer_sets, autocast_ctx, dist_info)
+            stop_if_not_finite(results["val_ce"], "the validation loss", iter_num, cfg)
+            stop_if_not_finite(stats[0].item(), "the training loss", iter_num, cfg)
+            rngs = gather_from_ranks(rng_states(data_gen, device), dist_info)  # a collective: all ranks
+            improved = results["val_ce"] < best_val_loss
+            best_val_loss = min(best_val_loss, results["val_ce"])
+            if dist_info.master:
+                row = dict(iter=iter_num, event="eval", **results)
+                append_jsonl(log_path, row)
+                print(format_row(row))
+                if improved or cfg.always_save_checkpoint:
+                    save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), dict(
+                        model=model.state_dict(), optimizer=optimizer.state_dict(), config=dict(cfg),
+                        iter_num=iter_num, best_val_loss=best_val_loss, gapt=gate.state_dict(), rng=rngs))
+            t_log = time.time()  # evaluation time is not training time
+    del train_model  # DDP holds the process group, which must go now (see shutdown_distributed)
+    shutdown_distributed(dist_info)
+    return dict(model=model, gate=gate, phases=phases)
+
+
+# =============================================================================
+# Plumbing: everything below supports train() and can be skipped on a first reading.
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# Config parsing and checks
+# -----------------------------------------------------------------------------
+CHOICES = dict(
+        mode=("baseline", "iblm", "gapt"),
+    init_from=("scratch", "resume"),
+    dtype=("auto", "bfloat16", "float32"),
+)
+
+
+class ConfigError(SystemExit):
+    """Bad configuration: exits non-zero with a message naming the key, before anything is written."""
+
+    def __init__(self, message):
+        super().__init__(f"{os.path.basename(sys.argv[0])}: {message}")  # gapt.py or sample.py
+
+
+class Config(dict):
+    """The run's settings: a dict whose keys also read as attributes (cfg.batch_size)."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+
+def coerce(key, value, default):
+    """Check a new value against the type of its default; ints are accepted where floats are."""
+    expected = type(default)
+    if expected is float and type(value) is int:
+        return float(value)
+    if type(value) is not expected:
+        raise ConfigError(f"{key} must be {expected.__name__} (like the default {default!r}), got {value!r}")
+    return value
+
+
+def parse_value(text, default):
+    """A command-line value is a Python literal (3, 1e-4, True); strings need no quotes."""
+    if isinstance(default, str):
+        return text
+    if isinstance(default, bool) and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # coerce() reports the type mismatch with the key's name
+
+
+def parse_config(argv, defaults):
+    """Defaults, then config files (python files of assignments) in order, then --key=value.
+    Unknown keys and wrong types are errors. sample.py and experiments/ parse their options with it too."""
+    if "--help" in argv or "-h" in argv:
+        print_help(defaults)
+    cfg = Config(defaults)
+    for arg in argv:
+        if arg.startswith("--"):
+            key, has_value, text = arg[2:].partition("=")
+            if not has_value:
+                raise ConfigError(f"write overrides as --key=value, got {arg!r}")
+            updates = {key: parse_value(text, cfg.get(key, ""))}
+        else:
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file {arg!r} not found (arguments are config files or --key=value)")
+            namespace = {}
+            exec(open(arg).read(), {}, namespace)
+            updates = {k: v for k, v in namespace.items() if not k.startswith("_")}
+        for key, value in updates.items():
+            if key not in cfg:
+                raise ConfigError(f"unknown config key {key!r} (the keys are the defaults at the top of the script)")
+            cfg[key] = coerce(key, value, defaults[key])
+    return cfg
+
+
+def print_help(defaults):
+    """Every key with its default and the one-line comment it has where it is defined."""
+    comments = {}
+    for path in {__file__, getattr(sys.modules["__main__"], "__file__", __file__)}:
+        for line in open(path):
+            key, _, rest = line.strip().partition("=")
+            if key.isidentifier() and "  # " in rest:
+                comments.setdefault(key, rest.split("  # ", 1)[1])
+    print(f"usage: {os.path.basename(sys.argv[0])} [config_file.py ...] [--key=value ...]\n")
+    for key, default in defaults.items():
+        print(f"  --{key}={default!r:<12} {comments.get(key, '')}")
+    raise SystemExit(0)
+
+
+def load_config(argv):
+    cfg = parse_config(argv, DEFAULTS)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg):
+    for key, allowed in CHOICES.items():
+        if cfg[key] not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {cfg[key]!r}")
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
+                "patch_size", "max_iters", "eval_iters", "log_interval", "eval_interval"):
+        if cfg[key] <= 0:
+            raise ConfigError(f"{key} must be positive, got {cfg[key]}")
+    if cfg.block_size % cfg.patch_size:
+        raise ConfigError(f"block_size ({cfg.block_size}) must be a multiple of patch_size ({cfg.patch_size}): "
+                          f"the patch MBE cuts each sequence into whole patches")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"n_embd ({cfg.n_embd}) must be a multiple of n_head ({cfg.n_head})")
+    if cfg.mbe_skip_first < 0 or cfg.mbe_skip_last < 0 or cfg.mbe_skip_first + cfg.mbe_skip_last >= cfg.n_layer:
+        raise ConfigError(f"mbe_skip_first + mbe_skip_last ({cfg.mbe_skip_first} + {cfg.mbe_skip_last}) "
+                          f"must leave at least one of the {cfg.n_layer} blocks to regularize")
+
+
+# -----------------------------------------------------------------------------
 # Processes and devices: one process, or one per GPU (or CPU worker) under torchrun.
 # -----------------------------------------------------------------------------
 @dataclass
@@ -636,9 +783,9 @@ def resolve_device(name, local_rank=0):
 def setup_distributed(cfg):
     """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process."""
     if "RANK" not in os.environ:
-        return Dist(0, 0, 1, resolve_device(cfg["device"]))
+        return Dist(0, 0, 1, resolve_device(cfg.device))
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    device = resolve_device(cfg["device"], local_rank)
+    device = resolve_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # torch._dynamo (imported by torch.compile and by DDP) keeps references to a process group that
@@ -659,6 +806,13 @@ def shutdown_distributed(dist_info):
         dist.destroy_process_group()
 
 
+def micro_steps_per_process(cfg, dist_info):
+    if cfg.gradient_accumulation_steps % dist_info.world_size:
+        raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the "
+                          f"number of processes ({dist_info.world_size}): it counts micro-batches over all of them")
+    return cfg.gradient_accumulation_steps // dist_info.world_size
+
+
 def all_reduce_mean(tensor, dist_info):
     """Average over processes (gloo has no AVG op, so SUM then divide)."""
     if dist_info.ddp:
@@ -676,7 +830,7 @@ def gather_from_ranks(obj, dist_info):
 
 
 def autocast_context(cfg, device):
-    dtype = cfg["dtype"]
+    dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype == "float32":
@@ -686,16 +840,28 @@ def autocast_context(cfg, device):
 
 
 # -----------------------------------------------------------------------------
-# Model, optimizer and learning rate
+# Model, optimizer and the run's state
 # -----------------------------------------------------------------------------
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "patch_size")
+
+
+def make_model(cfg):
+    return GPT(GPTConfig(**{key: cfg[key] for key in MODEL_KEYS}))
+
+
+def wrap_for_training(model, cfg, dist_info):
+    """The module the training steps call: compiled (once) and, under torchrun, wrapped in DDP."""
+    train_model = torch.compile(model) if cfg.compile else model
+    if dist_info.ddp:
+        train_model = DDP(train_model, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None)
+    return train_model
 
 
 def model_vocab_size(cfg, meta):
     """The dataset's vocabulary when it says so; a large one is rounded up to a multiple of 64
     (50257 -> 50304) for faster matmuls: the extra logits are never targets and learn to vanish."""
     if meta is None:
-        return cfg["vocab_size"]
+        return cfg.vocab_size
     vocab = meta["vocab_size"]
     return vocab if vocab <= 64 else 64 * math.ceil(vocab / 64)
 
@@ -703,23 +869,12 @@ def model_vocab_size(cfg, meta):
 def make_optimizer(model, cfg, device):
     """AdamW with weight decay on matrices (matmul and embedding weights), none on gains and biases."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg["weight_decay"]),
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda")
 
 
-def learning_rate(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
-    if it < cfg["warmup_iters"]:
-        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
-    if it >= cfg["lr_decay_iters"]:
-        return cfg["min_lr"]
-    progress = (it - cfg["warmup_iters"]) / (cfg["lr_decay_iters"] - cfg["warmup_iters"])
-    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - cfg["min_lr"])
-
-
-# Peak dense bf16 FLOP/s per device, for model FLOPs utilization (MFU); other devices get no MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
               "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12}
 
@@ -737,6 +892,37 @@ def flops_per_token(model):
     c = model.config
     n_params = model.num_params() - model.wpe.weight.numel()
     return 6 * n_params + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def build_run(cfg, dist_info, meta):
+    """A fresh model, optimizer, gate and data stream."""
+    device = dist_info.device
+    if meta is not None and meta["vocab_size"] > cfg.vocab_size:
+        raise SystemExit(f"gapt.py: dataset vocabulary ({meta['vocab_size']}) is larger than the model's "
+                         f"({cfg.vocab_size}); was the checkpoint trained on another dataset?")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)  # the same initialization on every rank
+    model = make_model(cfg).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    # the gate lives where the losses are, except on MPS, which has no float64
+    gate_device = device if device.type == "cuda" else torch.device("cpu")
+    gate = GAPT(cfg.delta_ce, cfg.delta_mbe, cfg.patience_mem, cfg.patience_comp, cfg.tau, device=gate_device)
+    data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: see draw_step_windows
+    torch.manual_seed(cfg.seed + dist_info.rank)  # dropout: a different stream on each rank
+    return model, optimizer, gate, data_gen
+
+
+def restore_run(checkpoint, model, optimizer, gate, data_gen, dist_info):
+    """Load a checkpoint's state into the fresh run; returns (iter_num, best_val_loss)."""
+    if checkpoint is None:
+        return 0, math.inf
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    gate.load_state_dict(checkpoint["gapt"])
+    restore_rng_states(checkpoint["rng"], dist_info.rank, data_gen, dist_info.device)
+    return checkpoint["iter_num"], checkpoint["best_val_loss"]
 
 
 # -----------------------------------------------------------------------------
@@ -777,35 +963,43 @@ def restore_rng_states(states, rank, data_gen, device):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: validation CE and per-block MBE, averaged over ranks; answer CE on arithmetic.
+# Data checks: a bad dataset stops the run before anything is written, with the command that fixes it.
 # -----------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model, cfg, paths, answer_sets, autocast_ctx, dist_info):
-    """The same windows at every evaluation (a fixed generator per rank), so that evaluations
-    compare like with like, and no draw from the training data stream."""
-    model.eval()
-    results = {}
-    for split in ("train", "val"):
-        gen = torch.Generator().manual_seed(cfg["seed"] + 1 + dist_info.rank)
-        n_tokens = os.path.getsize(paths[split]) // 2
-        sums = torch.zeros(1 + cfg["n_layer"], device=dist_info.device)  # [ce, mbe of each block]
-        for _ in range(cfg["eval_iters"]):
-            starts = torch.randint(n_tokens - cfg["block_size"], (cfg["batch_size"],), generator=gen).numpy()
-            x, y = load_windows(paths[split], starts, cfg["block_size"], dist_info.device)
-            with autocast_ctx:
-                _, ce, mbe_blocks = model(x, y)
-            sums += torch.cat([ce.view(1), mbe_blocks])
-        means = all_reduce_mean(sums / cfg["eval_iters"], dist_info)
-        results[f"{split}_ce"] = means[0].item()
-        if split == "val":
-            results["val_mbe"] = regularized_mbe(means[1:], cfg["mbe_skip_first"], cfg["mbe_skip_last"]).item()
-            results["val_mbe_blocks"] = [round(v, 5) for v in means[1:].tolist()]
-    for split, (examples, sep_token) in answer_sets.items():
-        # every rank scores the same fixed examples, so there is nothing to average
-        with autocast_ctx:
-            results[f"{split}_answer_ce"] = answer_ce(model, examples, sep_token, dist_info.device)
-    model.train()
-    return results
+def prepare_command(dataset):
+    if dataset in ("fineweb", "arithmetic"):
+        return f"python prepare_data.py {dataset}"
+    return f"python prepare_data.py text --files 'path/to/*.txt' --name {dataset}"
+
+
+def load_meta(data_dir, dataset):
+    """The dataset's meta.json (tokenizer, vocab_size, eot_token, tokens per split), or None."""
+    path = os.path.join(data_dir, dataset, "meta.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"gapt.py: {path} is not valid JSON ({e}); re-create it with: {prepare_command(dataset)}")
+
+
+def check_split(data_dir, dataset, split, block_size, meta):
+    """Stop early, with the command that fixes it, rather than train on a missing or truncated file."""
+    path = os.path.join(data_dir, dataset, f"{split}.bin")
+    fix = f"prepare it with: {prepare_command(dataset)}"
+    if not os.path.exists(path):
+        raise SystemExit(f"gapt.py: dataset '{dataset}' has no {path}; {fix}")
+    size = os.path.getsize(path)
+    if size % 2:
+        raise SystemExit(f"gapt.py: {path} has an odd number of bytes, so it is not uint16 tokens; {fix}")
+    n_tokens = size // 2
+    expected = (meta or {}).get("tokens", {}).get(split)
+    if expected is not None and expected != n_tokens:
+        raise SystemExit(f"gapt.py: {path} holds {n_tokens} tokens but meta.json says {expected} (interrupted write?); {fix}")
+    if n_tokens <= block_size:
+        raise SystemExit(f"gapt.py: {path} has {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                         f"lower block_size or {fix}")
+    return path
 
 
 def load_answer_sets(cfg, meta):
@@ -815,17 +1009,45 @@ def load_answer_sets(cfg, meta):
         return {}
     answer_sets = {}
     for split in ("val", "val_ood"):
-        path = os.path.join(cfg["data_dir"], cfg["dataset"], f"{split}.bin")
+        path = os.path.join(cfg.data_dir, cfg.dataset, f"{split}.bin")
         if os.path.exists(path):
             examples = split_examples(np.fromfile(path, dtype=np.uint16), meta["eot_token"])
-            answer_sets[split] = (examples[:cfg["answer_eval_examples"]], meta["tokenizer"].index("="))
+            answer_sets[split] = (examples[:cfg.answer_eval_examples], meta["tokenizer"].index("="))
     return answer_sets
+
+
+def check_data(cfg):
+    """The dataset's meta.json, its train and val files and the arithmetic answer sets, checked
+    before anything is written: a bad dataset stops the run with nothing in out_dir to clean up."""
+    meta = load_meta(cfg.data_dir, cfg.dataset)
+    paths = {split: check_split(cfg.data_dir, cfg.dataset, split, cfg.block_size, meta) for split in ("train", "val")}
+    answer_sets = load_answer_sets(cfg, meta)
+    for split, (examples, _) in answer_sets.items():
+        longest = max(len(e) for e in examples)  # scored with the example as input, minus its last token
+        if longest - 1 > cfg.block_size:
+            raise ConfigError(f"block_size ({cfg.block_size}) is too short for the {split} examples of "
+                              f"'{cfg.dataset}' ({longest} tokens); use at least {longest - 1}")
+    return meta, paths, answer_sets
 
 
 # -----------------------------------------------------------------------------
 # Logging: a line on stdout and a JSON row in out_dir/log.jsonl per logged step, evaluation,
 # alignment measurement and phase change.
 # -----------------------------------------------------------------------------
+def start_log(cfg, dist_info, iter_num, model, micro_steps):
+    """out_dir/log.jsonl: a new run starts a new log, a resumed one appends to its own."""
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if dist_info.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if cfg.init_from == "scratch" and os.path.exists(log_path):
+            os.remove(log_path)
+        append_jsonl(log_path, dict(event="start", iter=iter_num, world_size=dist_info.world_size, config=cfg))
+        print(f"{model.num_params() / 1e6:.2f}M parameters, {dist_info.world_size} process(es) on "
+              f"{dist_info.device.type}, {micro_steps} micro-steps of {cfg.batch_size}x{cfg.block_size} tokens "
+              f"each per process")
+    return log_path
+
+
 def append_jsonl(path, row):
     with open(path, "a") as f:  # open per row: a crash never loses the rows before it
         f.write(json.dumps(row) + "\n")
@@ -840,818 +1062,12 @@ def format_row(row):
                       for key, value in row.items() if not isinstance(value, list))
 
 
-# -----------------------------------------------------------------------------
-# Training
-# -----------------------------------------------------------------------------
-def train_step(model, optimizer, starts, weight, cfg, train_path, autocast_ctx, dist_info):
-    """One optimizer step over this rank's micro-batches (starts: (micro_steps, batch_size)).
-    Returns the step's (ce, mbe_reg), averaged over micro-batches and ranks, still on the device."""
-    micro_steps = len(starts)
-    stats = torch.zeros(2, device=dist_info.device)
-    X, Y = load_windows(train_path, starts[0], cfg["block_size"], dist_info.device)
-    for micro_step in range(micro_steps):
-        if dist_info.ddp:
-            # DDP decides during the forward pass whether the coming backward all-reduces gradients,
-            # so the flag is set before it: only the last micro-step pays for communication
-            model.require_backward_grad_sync = micro_step == micro_steps - 1
-        with autocast_ctx:
-            _, ce, mbe_blocks = model(X, Y)
-        mbe_reg = regularized_mbe(mbe_blocks, cfg["mbe_skip_first"], cfg["mbe_skip_last"])
-        loss = iblm_loss(ce, mbe_reg, weight) / micro_steps  # the mean over micro-batches, not the sum
-        if micro_step + 1 < micro_steps:  # read the next batch from disk while the GPU works
-            X, Y = load_windows(train_path, starts[micro_step + 1], cfg["block_size"], dist_info.device)
-        loss.backward()
-        stats += torch.stack([ce.detach(), mbe_reg.detach()])
-    if cfg["grad_clip"] > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    # the gate sees the all-reduced losses: every rank takes the same decision, always
-    return all_reduce_mean(stats / micro_steps, dist_info)
-
-
-def measure_alignment(model, starts, cfg, train_path, autocast_ctx, dist_info):
-    """The alignment on this step's first micro-batch, averaged over ranks (NaN marks None)."""
-    X, Y = load_windows(train_path, starts, cfg["block_size"], dist_info.device)
-    overall, per_block = gradient_alignment(model, X, Y, cfg["mbe_skip_first"], cfg["mbe_skip_last"], autocast_ctx)
-    values = torch.stack([overall] + [torch.tensor(math.nan, device=X.device) if c is None else c for c in per_block])
-    values = all_reduce_mean(values.float(), dist_info).tolist()
-    return dict(align_cos=values[0], align_cos_blocks=[None if math.isnan(v) else round(v, 5) for v in values[1:]])
-
-
-def read_back_steps(history, phases, cfg, log_path, dist_info):
-    """The losses and phases of the steps since the last log, read from the device in one sync:
-    each step's loss is checked, each phase change gets its row, and the last step's row is returned."""
-    values = torch.stack([torch.cat([s, p.view(1).to(s)]) for _, _, s, p in history]).tolist()
-    for (it, lr, _, _), (ce, mbe_reg, phase) in zip(history, values):
-        stop_if_not_finite(ce, "the training loss", it, cfg)
-        if phases and phase != phases[-1] and dist_info.master:
-            append_jsonl(log_path, dict(iter=it, event="phase_change", phase=int(phase)))
-        phases.append(int(phase))
-    return dict(iter=it, phase=int(phase), ce=ce, mbe=mbe_reg, lr=lr)
-
-
 def stop_if_not_finite(value, what, iter_num, cfg):
     if not math.isfinite(value):
         raise SystemExit(f"gapt.py: {what} is {value} at iter {iter_num}; stopping without saving. The last "
-                         f"checkpoint of this run, if it saved one, is {os.path.join(cfg['out_dir'], 'ckpt.pt')} "
+                         f"checkpoint of this run, if it saved one, is {os.path.join(cfg.out_dir, 'ckpt.pt')} "
                          f"(resume with --init_from=resume, perhaps with a lower --learning_rate or --mbe_weight)")
 
 
-def resume_checkpoint(cfg, device):
-    """out_dir/ckpt.pt when resuming (None otherwise). The architecture becomes the checkpoint's,
-    whatever the command line says, before anything (block_size in the data checks) depends on it."""
-    if cfg["init_from"] != "resume":
-        return None
-    checkpoint = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), device)
-    for key in MODEL_KEYS:
-        cfg[key] = checkpoint["config"][key]
-    return checkpoint
-
-
-def check_data(cfg):
-    """The dataset's meta.json, its train and val files and the arithmetic answer sets, checked
-    before anything is written: a bad dataset stops the run with nothing in out_dir to clean up."""
-    meta = load_meta(cfg["data_dir"], cfg["dataset"])
-    paths = {split: check_split(cfg["data_dir"], cfg["dataset"], split, cfg["block_size"], meta) for split in ("train", "val")}
-    answer_sets = load_answer_sets(cfg, meta)
-    for split, (examples, _) in answer_sets.items():
-        longest = max(len(e) for e in examples)  # scored with the example as input, minus its last token
-        if longest - 1 > cfg["block_size"]:
-            raise ConfigError(f"block_size ({cfg['block_size']}) is too short for the {split} examples of "
-                              f"'{cfg['dataset']}' ({longest} tokens); use at least {longest - 1}")
-    return meta, paths, answer_sets
-
-
-def build_run(cfg, dist_info, meta, checkpoint):
-    """Model, optimizer, gate and data stream, fresh or from a checkpoint."""
-    device = dist_info.device
-    if checkpoint is None:
-        cfg["vocab_size"] = model_vocab_size(cfg, meta)
-    if meta is not None and meta["vocab_size"] > cfg["vocab_size"]:
-        raise SystemExit(f"gapt.py: dataset vocabulary ({meta['vocab_size']}) is larger than the model's "
-                         f"({cfg['vocab_size']}); was the checkpoint trained on another dataset?")
-    torch.manual_seed(cfg["seed"])  # the same initialization on every rank
-    model = GPT(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    # the gate lives where the losses are, except on MPS, which has no float64
-    gate_device = device if device.type == "cuda" else torch.device("cpu")
-    gate = GAPT(cfg["delta_ce"], cfg["delta_mbe"], cfg["patience_mem"], cfg["patience_comp"], cfg["tau"], device=gate_device)
-    data_gen = torch.Generator().manual_seed(cfg["seed"])  # the same on every rank: see draw_step_windows
-    torch.manual_seed(cfg["seed"] + dist_info.rank)  # dropout: a different stream on each rank
-    iter_num, best_val_loss = 0, math.inf
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        gate.load_state_dict(checkpoint["gapt"])
-        restore_rng_states(checkpoint["rng"], dist_info.rank, data_gen, device)
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-    return model, optimizer, gate, data_gen, iter_num, best_val_loss
-
-
-def train(cfg):
-    dist_info = setup_distributed(cfg)
-    if cfg["gradient_accumulation_steps"] % dist_info.world_size:
-        raise ConfigError(f"gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) must be a multiple "
-                          f"of the number of processes ({dist_info.world_size}): it counts micro-batches over all of them")
-    micro_steps = cfg["gradient_accumulation_steps"] // dist_info.world_size
-    checkpoint = resume_checkpoint(cfg, dist_info.device)
-    meta, paths, answer_sets = check_data(cfg)
-    device = dist_info.device
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
-        torch.backends.cudnn.allow_tf32 = True
-    model, optimizer, gate, data_gen, iter_num, best_val_loss = build_run(cfg, dist_info, meta, checkpoint)
-    autocast_ctx = autocast_context(cfg, device)
-    log_path = os.path.join(cfg["out_dir"], "log.jsonl")
-    if dist_info.master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        if cfg["init_from"] == "scratch" and os.path.exists(log_path):
-            os.remove(log_path)  # a new run starts a new log; a resumed one appends to its own
-        append_jsonl(log_path, dict(event="start", iter=iter_num, world_size=dist_info.world_size, config=cfg))
-        print(f"{model.num_params() / 1e6:.2f}M parameters, {dist_info.world_size} process(es) on {device.type}, "
-              f"{micro_steps} micro-steps of {cfg['batch_size']}x{cfg['block_size']} tokens each per process")
-
-    # the training graph: compiled once; evaluation and alignment use the plain module `model`
-    train_model = torch.compile(model) if cfg["compile"] else model
-    if dist_info.ddp:
-        train_model = DDP(train_model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
-
-    n_train = os.path.getsize(paths["train"]) // 2
-    tokens_per_step = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
-    flops_step, peak = flops_per_token(model) * tokens_per_step, peak_flops(device)
-    history = []  # (iter, lr, [ce, mbe], phase) since the last log: read back in a single sync
-    phases = []  # the phase of every step, for the caller
-    t_log = time.time()
-    while iter_num < cfg["max_iters"]:
-        lr = learning_rate(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        starts = draw_step_windows(data_gen, n_train, micro_steps, cfg["batch_size"], cfg["block_size"],
-                                   dist_info.rank, dist_info.world_size)
-        if cfg["align_interval"] and iter_num % cfg["align_interval"] == 0:
-            row = dict(iter=iter_num, **measure_alignment(model, starts[0], cfg, paths["train"], autocast_ctx, dist_info))
-            if dist_info.master:
-                append_jsonl(log_path, row)
-        # the logged phase says whether MBE is in this step's loss: the gate's, always 2 in iblm, 1 in baseline
-        phase = gate.state["phase"] if cfg["mode"] == "gapt" else torch.tensor(2 if cfg["mode"] == "iblm" else 1)
-        weight = mbe_weight_for(cfg["mode"], cfg["mbe_weight"], gate)
-        stats = train_step(train_model, optimizer, starts, weight, cfg, paths["train"], autocast_ctx, dist_info)
-        if cfg["mode"] == "gapt":
-            gate.step(stats[0], stats[1])
-        iter_num += 1
-        history.append((iter_num, lr, stats, phase))
-
-        if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
-            row = read_back_steps(history, phases, cfg, log_path, dist_info)
-            dt = (time.time() - t_log) / len(history)
-            row.update(ms_per_step=round(1000 * dt, 1), tok_per_s=round(tokens_per_step / dt))
-            if peak:
-                row["mfu"] = round(flops_step / dt / (peak * dist_info.world_size), 4)
-            if dist_info.master:
-                append_jsonl(log_path, row)
-                print(format_row(row))
-            history, t_log = [], time.time()
-
-        if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]:
-            results = evaluate(model, cfg, paths, answer_sets, autocast_ctx, dist_info)
-            stop_if_not_finite(results["val_ce"], "the validation loss", iter_num, cfg)
-            stop_if_not_finite(stats[0].item(), "the training loss", iter_num, cfg)
-            rngs = gather_from_ranks(rng_states(data_gen, device), dist_info)  # a collective: all ranks
-            improved = results["val_ce"] < best_val_loss
-            best_val_loss = min(best_val_loss, results["val_ce"])
-            if dist_info.master:
-                row = dict(iter=iter_num, event="eval", **results)
-                append_jsonl(log_path, row)
-                print(format_row(row))
-                if improved or cfg["always_save_checkpoint"]:
-                    save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), dict(
-                        model=model.state_dict(), optimizer=optimizer.state_dict(), config=cfg, iter_num=iter_num,
-                        best_val_loss=best_val_loss, gapt=gate.state_dict(), rng=rngs))
-            t_log = time.time()  # evaluation time is not training time
-    del train_model  # DDP holds the process group, which must go now (see shutdown_distributed)
-    shutdown_distributed(dist_info)
-    return dict(model=model, gate=gate, phases=phases)
-
-
-# -----------------------------------------------------------------------------
-# Benchmark (--task=bench): what MBE, the gate and the alignment measurement cost.
-# Variants take turns in rounds inside one process, so machine noise hits them alike, and each
-# is reported as a ratio to the baseline step. Random tokens: no dataset needed.
-# -----------------------------------------------------------------------------
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bench_variants(cfg, model, train_model, optimizer, token_path, autocast_ctx, dist_info, micro_steps, n_tokens):
-    """name -> function running one optimizer step of that variant (or one alignment measurement)."""
-    data_gen = torch.Generator().manual_seed(cfg["seed"])
-    # a gate held in compression: it still runs its update every step, as in a real GAPT run
-    gate = GAPT(patience_comp=2 ** 62, tau=math.inf, device=dist_info.device)
-    gate.load_state_dict(dict(gate.state_dict(), phase=2))
-
-    def draw():
-        return draw_step_windows(data_gen, n_tokens, micro_steps, cfg["batch_size"], cfg["block_size"],
-                                 dist_info.rank, dist_info.world_size)
-
-    def baseline_step():
-        train_step(train_model, optimizer, draw(), 0.0, cfg, token_path, autocast_ctx, dist_info)
-
-    def compression_step():
-        weight = mbe_weight_for("gapt", cfg["mbe_weight"], gate)
-        stats = train_step(train_model, optimizer, draw(), weight, cfg, token_path, autocast_ctx, dist_info)
-        gate.step(stats[0], stats[1])
-
-    def alignment():
-        measure_alignment(model, draw()[0], cfg, token_path, autocast_ctx, dist_info)
-
-    return {"baseline (CE only)": baseline_step, "gapt, compression phase": compression_step,
-            "alignment measurement (one)": alignment}
-
-
-def run_bench(cfg):
-    dist_info = setup_distributed(cfg)
-    device = dist_info.device
-    micro_steps = cfg["gradient_accumulation_steps"] // dist_info.world_size
-    torch.manual_seed(cfg["seed"])
-    model = GPT(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    token_path = os.path.join(cfg["out_dir"], f"bench_tokens_rank{dist_info.rank}.bin")
-    n_tokens = 64 * cfg["block_size"]
-    np.random.default_rng(cfg["seed"]).integers(cfg["vocab_size"], size=n_tokens, dtype=np.uint16).tofile(token_path)
-    train_model = torch.compile(model) if cfg["compile"] else model
-    if dist_info.ddp:
-        train_model = DDP(train_model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
-    variants = bench_variants(cfg, model, train_model, optimizer, token_path, autocast_context(cfg, device), dist_info,
-                              micro_steps, n_tokens)
-    for run_step in variants.values():  # warm-up: compilation and allocator caches
-        for _ in range(3):
-            run_step()
-    timings = {name: [] for name in variants}
-    for round_num in range(cfg["bench_rounds"]):
-        order = list(variants.items())
-        for name, run_step in order if round_num % 2 == 0 else order[::-1]:  # no variant always goes first
-            synchronize(device)
-            t0 = time.perf_counter()
-            for _ in range(cfg["bench_steps"]):
-                run_step()
-            synchronize(device)
-            timings[name].append((time.perf_counter() - t0) / cfg["bench_steps"])
-    del variants, train_model  # they hold the DDP wrapper, which holds the process group
-    shutdown_distributed(dist_info)
-    return report_bench(cfg, model, timings, dist_info)
-
-
-def report_bench(cfg, model, timings, dist_info):
-    device = dist_info.device
-    tokens_per_step = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
-    peak = peak_flops(device)
-    medians = {name: float(np.median(times)) for name, times in timings.items()}
-    base = medians["baseline (CE only)"]
-    if cfg["align_interval"]:  # one measurement every align_interval steps of a baseline run, spread over them
-        medians[f"baseline + alignment every {cfg['align_interval']}"] = (
-            base + medians["alignment measurement (one)"] / cfg["align_interval"])
-    rows = []
-    for name, dt in medians.items():
-        times = timings.get(name, [dt])
-        row = dict(variant=name, ms_per_step=round(1000 * dt, 2))
-        if name != "alignment measurement (one)":  # not a training step: no throughput
-            row["tok_per_s"] = round(tokens_per_step / dt)
-        row.update(ratio_to_baseline=round(dt / base, 4), spread_ms=round(1000 * (max(times) - min(times)), 2))
-        if peak and "tok_per_s" in row:
-            row["mfu"] = round(flops_per_token(model) * tokens_per_step / dt / (peak * dist_info.world_size), 4)
-        rows.append(row)
-    summary = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-                   world_size=dist_info.world_size, compile=cfg["compile"], params=model.num_params(),
-                   tokens_per_step=tokens_per_step, rows=rows)
-    if device.type == "cuda":
-        summary["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
-    else:  # the whole process's peak resident memory (Linux reports kilobytes)
-        import resource
-        summary["peak_memory_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
-    if dist_info.master:
-        print(f"{summary['device']}, {dist_info.world_size} process(es), compile={cfg['compile']}, "
-              f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_step:,} tokens per step, "
-              f"peak memory {summary['peak_memory_gb']} GB")
-        for row in rows:
-            print(format_row(row))
-        with open(os.path.join(cfg["out_dir"], "bench.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-    return summary
-
-
-# -----------------------------------------------------------------------------
-# Experiment (c) "Conflicting memories": a toy built to provoke catastrophic forgetting. The paper's
-# idea: compression phases (CE + lambda * MBE) squeeze each task's representation into a compact
-# cluster, so two conflicting tasks end up with well separated representations (paper: +97%).
-# A student MLP learns two regression tasks whose teachers pull the weights in opposite directions
-# (theta0 + dtheta on inputs p1, theta0 - dtheta on inputs p2), either one after the other
-# (sequential) or interleaved (mixed). Run with: python gapt.py --task=forgetting
-# -----------------------------------------------------------------------------
-FORGET_MODES = ("baseline", "iblm", "gapt")
-FORGET_SCHEDULES = ("sequential", "mixed")
-PAPER_SEPARATION_GAIN_PCT = 97.0  # the paper's headline for this toy, GAPT vs baseline
-
-
-class ToyMLP(nn.Module):
-    """Teacher and student: 10 -> 20 -> 10 with ReLU; the ReLU layer is the representation."""
-
-    def __init__(self, n_in=10, n_hidden=20, n_out=10):
-        super().__init__()
-        self.fc = nn.Linear(n_in, n_hidden)
-        self.proj = nn.Linear(n_hidden, n_out)
-
-    def forward(self, x):
-        h = F.relu(self.fc(x))
-        return self.proj(h), h
-
-
-def sample_inputs(n, task, generator):
-    """p1: dims 0-4 ~ N(1, 0.25^2), dims 5-9 ~ N(0, 0.25^2); p2 (task 2) is the mirror image."""
-    x = 0.25 * torch.randn(n, 10, generator=generator)
-    hot = slice(0, 5) if task == 1 else slice(5, 10)
-    x[:, hot] += 1.0
-    return x
-
-
-def random_init(generator):
-    """theta0 = nn.Linear's default init (U(+-1/sqrt(fan_in)) for weights and biases), drawn from
-    our own generator so that a seed alone fixes it, without touching the global RNG."""
-    theta = {}
-    for name, n_out, n_in in (("fc", 20, 10), ("proj", 10, 20)):
-        bound = 1 / math.sqrt(n_in)
-        theta[f"{name}.weight"] = (2 * torch.rand(n_out, n_in, generator=generator) - 1) * bound
-        theta[f"{name}.bias"] = (2 * torch.rand(n_out, generator=generator) - 1) * bound
-    return theta
-
-
-def random_shift(theta, generator, rank=3):
-    """dtheta: a rank-<=3 direction per weight matrix, a Gaussian direction per bias, each rescaled to
-    the norm of its own tensor times one factor U(0.5, 5) drawn per tensor, so the shift is large
-    (up to 5x the weights) and differently large in each layer."""
-    dtheta = {}
-    for name, p in theta.items():
-        if p.dim() == 2:
-            n_out, n_in = p.shape
-            direction = torch.randn(n_out, rank, generator=generator) @ torch.randn(rank, n_in, generator=generator)
-        else:
-            direction = torch.randn(p.shape, generator=generator)
-        scale = p.norm() * (0.5 + 4.5 * torch.rand((), generator=generator))
-        dtheta[name] = direction * (scale / direction.norm())
-    return dtheta
-
-
-@torch.no_grad()
-def teacher_targets(theta, x):
-    teacher = ToyMLP()
-    teacher.load_state_dict(theta)
-    return teacher(x)[0]
-
-
-def make_forgetting_tasks(seed, n_train=32000, n_eval=1000):
-    """Everything random about one seed: the student's start theta0, both tasks' training streams
-    (n_train samples each, consumed in order, so every mode sees the same batches) and a held-out
-    evaluation set per task, drawn from its own generator so it does not depend on n_train.
-    Defaults match forget_steps * forget_batch_size and forget_n_eval."""
-    g = torch.Generator().manual_seed(seed)
-    theta0 = random_init(g)
-    dtheta = random_shift(theta0, g)
-    teachers = {1: {k: theta0[k] + dtheta[k] for k in theta0},   # task 1 pulls one way ...
-                2: {k: theta0[k] - dtheta[k] for k in theta0}}   # ... task 2 the opposite way
-    g_eval = torch.Generator().manual_seed(1_000_000 + seed)
-    tasks = {"theta0": theta0}
-    for task in (1, 2):
-        x_train = sample_inputs(n_train, task, g)
-        x_eval = sample_inputs(n_eval, task, g_eval)
-        tasks[f"x{task}_train"], tasks[f"y{task}_train"] = x_train, teacher_targets(teachers[task], x_train)
-        tasks[f"x{task}_eval"], tasks[f"y{task}_eval"] = x_eval, teacher_targets(teachers[task], x_eval)
-    return tasks
-
-
-def separation(h1, h2):
-    """between / sqrt(within) of two clouds of representations h1 (N1, D), h2 (N2, D):
-    between = distance of the two means, within = mean of the two mean squared distances to the
-    own mean. The 1e-12 only keeps a fully collapsed (all-zero) representation from giving 0/0."""
-    mu1, mu2 = h1.mean(0), h2.mean(0)
-    between = (mu1 - mu2).norm()
-    within = 0.5 * (((h1 - mu1) ** 2).sum(1).mean() + ((h2 - mu2) ** 2).sum(1).mean())
-    return (between / torch.sqrt(within + 1e-12)).item()
-
-
-def training_batches(tasks, schedule, steps_per_task, batch_size):
-    """Yields 2 * steps_per_task (x, y) batches. Sequential: task 1's stream, then task 2's.
-    Mixed: every batch is half task 1, half task 2, in that order, so both schedules consume
-    exactly the same samples. With batch_size/2 a multiple of the patch size, no MBE patch mixes
-    the tasks: MBE measures within-task entropy in both schedules (a mixed patch would instead
-    reward making the two tasks' representations parallel, i.e. less separated)."""
-    half = batch_size // 2
-    for step in range(2 * steps_per_task):
-        if schedule == "sequential":
-            task, i = (1, step) if step < steps_per_task else (2, step - steps_per_task)
-            rows = slice(i * batch_size, (i + 1) * batch_size)
-            yield tasks[f"x{task}_train"][rows], tasks[f"y{task}_train"][rows]
-        else:
-            rows = slice(step * half, (step + 1) * half)
-            yield (torch.cat([tasks["x1_train"][rows], tasks["x2_train"][rows]]),
-                   torch.cat([tasks["y1_train"][rows], tasks["y2_train"][rows]]))
-
-
-@torch.no_grad()
-def evaluate_forgetting(model, tasks, patch_size):
-    """Held-out L1 per task, separation of the two tasks' hidden clouds, and their patch MBE."""
-    y1, h1 = model(tasks["x1_eval"])
-    y2, h2 = model(tasks["x2_eval"])
-    return dict(
-        loss1=F.l1_loss(y1, tasks["y1_eval"]).item(),
-        loss2=F.l1_loss(y2, tasks["y2_eval"]).item(),
-        separation=separation(h1, h2),
-        # (N, 20) -> (1, N, 20): the eval set is one long "sequence", cut into patches as in training
-        mbe=0.5 * (patch_mbe(h1.unsqueeze(0), patch_size) + patch_mbe(h2.unsqueeze(0), patch_size)).item(),
-    )
-
-
-def train_forgetting(tasks, mode, schedule, cfg):
-    """One run: the student starts at theta0 and is trained with Adam on L1 (+ w * MBE) over the
-    schedule's batches. Returns final metrics and curves."""
-    steps_per_task, P = cfg["forget_steps"], cfg["forget_patch_size"]
-    model = ToyMLP()
-    model.load_state_dict(tasks["theta0"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["forget_lr"])
-    # One gate for the whole run, also across the task switch: the learner is not told that the
-    # task changed, the gate must notice it from the loss like any other change.
-    gate = GAPT(delta_ce=cfg["forget_delta_ce"], delta_mbe=cfg["forget_delta_mbe"],
-                patience_mem=cfg["forget_patience_mem"], patience_comp=cfg["forget_patience_comp"],
-                tau=cfg["forget_tau"])
-    curve = dict(step=[], separation=[], loss1=[], loss2=[], mbe=[])
-    phases = []  # per step: 2 if MBE was in the loss, else 1 (baseline all 1, iblm all 2)
-    after_task1 = None
-
-    def log_point(step):
-        metrics = evaluate_forgetting(model, tasks, P)
-        curve["step"].append(step)
-        for k in ("separation", "loss1", "loss2", "mbe"):
-            curve[k].append(metrics[k])
-        return metrics
-
-    batches = training_batches(tasks, schedule, steps_per_task, cfg["forget_batch_size"])
-    for step, (x, y) in enumerate(batches):
-        if step % cfg["forget_eval_interval"] == 0:
-            log_point(step)
-        if schedule == "sequential" and step == steps_per_task:
-            after_task1 = evaluate_forgetting(model, tasks, P)  # reference for forgetting
-        out, h = model(x)
-        l1 = F.l1_loss(out, y)
-        m = patch_mbe(h.unsqueeze(0), P)  # (32, 20) -> (1, 32, 20): the batch is the sequence
-        w = mbe_weight_for(mode, cfg["forget_mbe_weight"], gate)
-        loss = iblm_loss(l1, m, w)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        phases.append(2 if w else 1)
-        if mode == "gapt":
-            gate.step(l1.detach(), m.detach())
-    final = log_point(2 * steps_per_task)
-    return dict(
-        **final,
-        # how much task 1's held-out loss rose while training on task 2 (sequential only)
-        forgetting=final["loss1"] - after_task1["loss1"] if after_task1 else None,
-        frac_compression=sum(p == 2 for p in phases) / len(phases),
-        curve=curve,
-        phase=phases,
-    )
-
-
-def mean_std(values):
-    """Mean and sample std over seeds (std 0 for a single seed)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
-
-
-def summarize_forgetting(runs):
-    """Mean/std over seeds per (schedule, mode), and separation relative to the baseline."""
-    metrics = ("separation", "loss1", "loss2", "forgetting", "mbe", "frac_compression")
-    summary = {}
-    for schedule in FORGET_SCHEDULES:
-        by_mode = {mode: [r for r in runs if r["schedule"] == schedule and r["mode"] == mode] for mode in FORGET_MODES}
-        base_sep = {r["seed"]: r["separation"] for r in by_mode["baseline"]}
-        summary[schedule] = {}
-        for mode, rs in by_mode.items():
-            s = {k: mean_std([r[k] for r in rs]) for k in metrics if rs[0][k] is not None}
-            # the paper's kind of number: change of the mean separation ...
-            s["sep_change_pct"] = 100 * (s["separation"][0] / mean_std(list(base_sep.values()))[0] - 1)
-            # ... and its spread, against the same seed's baseline (paired: same data and batches)
-            s["sep_change_pct_paired"] = mean_std([100 * (r["separation"] / base_sep[r["seed"]] - 1) for r in rs])
-            summary[schedule][mode] = s
-    return summary
-
-
-def print_forgetting_table(summary, n_seeds):
-    fmt = lambda ms: f"{ms[0]:7.3f} ± {ms[1]:5.3f}"
-    print(f"\nConflicting memories, {n_seeds} seeds, mean ± std over seeds "
-          f"(L1 and MBE on held-out data; forgetting = task-1 L1 rise during task 2)")
-    header = f"{'schedule':<11}{'mode':<9}{'separation':>16}{'task1 L1':>16}{'task2 L1':>16}" \
-             f"{'forgetting':>16}{'MBE':>16}{'comp%':>7}  sep vs baseline"
-    print(header)
-    print("-" * len(header))
-    for schedule, modes in summary.items():
-        for mode, s in modes.items():
-            forgetting = fmt(s["forgetting"]) if "forgetting" in s else f"{'-':>15}"
-            change = (f"{s['sep_change_pct']:+6.1f}% (paired {s['sep_change_pct_paired'][0]:+.1f} ± "
-                      f"{s['sep_change_pct_paired'][1]:.1f}%)" if mode != "baseline" else "-")
-            print(f"{schedule:<11}{mode:<9}{fmt(s['separation']):>16}{fmt(s['loss1']):>16}{fmt(s['loss2']):>16}"
-                  f"{forgetting:>16}{fmt(s['mbe']):>16}{100 * s['frac_compression'][0]:6.0f}%  {change}")
-    print(f"paper: GAPT improves separation by +{PAPER_SEPARATION_GAIN_PCT:.0f}% over the baseline")
-
-
-def run_forgetting(cfg):
-    """Entry point of --task=forgetting: every mode x schedule x seed, table, JSON with all numbers."""
-    out_dir = cfg["out_dir"]
-    t0 = time.time()
-    runs = []
-    for seed in range(cfg["forget_seeds"]):
-        tasks = make_forgetting_tasks(seed, n_train=cfg["forget_steps"] * cfg["forget_batch_size"],
-                                      n_eval=cfg["forget_n_eval"])
-        for schedule in FORGET_SCHEDULES:
-            for mode in FORGET_MODES:
-                runs.append(dict(seed=seed, schedule=schedule, mode=mode,
-                                 **train_forgetting(tasks, mode, schedule, cfg)))
-    summary = summarize_forgetting(runs)
-    print_forgetting_table(summary, cfg["forget_seeds"])
-    result = dict(
-        config={k: v for k, v in cfg.items() if k.startswith("forget_")},
-        paper_separation_gain_pct=PAPER_SEPARATION_GAIN_PCT,
-        wall_s=time.time() - t0,
-        summary=summary,
-        runs=runs,
-    )
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "forgetting.json")
-    with open(path, "w") as f:
-        json.dump(result, f)
-    print(f"{len(runs)} runs in {result['wall_s']:.1f}s, all per-seed numbers and curves in {path}")
-    return result
-
-
-# -----------------------------------------------------------------------------
-# Figures and tables (--task=plot): drawn from the runs' log.jsonl (or forgetting.json) alone, so
-# they can always be redrawn from what a run left in its out_dir. matplotlib is needed for this only.
-#     python gapt.py --task=plot --plot_runs=out-a,out-b --plot_file=assets/runs.png
-# -----------------------------------------------------------------------------
-def import_pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("gapt.py: --task=plot needs matplotlib, which training does not: pip install matplotlib")
-    matplotlib.use("Agg")  # files only, no window
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def read_run(out_dir):
-    """(label, mode, rows) of a run: "mode seed N" from its start row, its mode, every row of its log."""
-    path = os.path.join(out_dir, "log.jsonl")
-    if not os.path.exists(path):
-        raise SystemExit(f"gapt.py: no {path}; --plot_runs takes the out_dirs of finished runs, comma-separated")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f]
-    cfg = next(r["config"] for r in rows if r.get("event") == "start")
-    return f"{cfg['mode']} seed {cfg['seed']}", cfg["mode"], rows
-
-
-def compression_spans(rows, last_iter):
-    """[(first, last)] iterations of each compression phase, from the phase_change rows."""
-    spans, start = [], None
-    for r in rows:
-        if r.get("event") == "phase_change":
-            if r["phase"] == 2:
-                start = r["iter"]
-            elif start is not None:
-                spans.append((start, r["iter"]))
-                start = None
-    return spans + ([(start, last_iter)] if start is not None else [])
-
-
-PLOT_PANELS = [("ce", "training CE"), ("mbe", "training MBE_reg"), ("val_ood_answer_ce", "OOD answer CE (val_ood)"),
-               ("val_answer_ce", "ID answer CE (val)"), ("val_ce", "validation CE"),
-               ("align_cos", "cos(grad CE, grad MBE_reg)")]
-MODE_COLORS = dict(baseline="tab:gray", iblm="tab:blue", gapt="tab:red")
-
-
-def mean_curve(curves):
-    """The mean of several runs' [(iter, value)] curves, at the iterations every one of them logged."""
-    by_iter = [dict(curve) for curve in curves]
-    iters = sorted(set.intersection(*(set(d) for d in by_iter)))
-    return iters, [sum(d[it] for d in by_iter) / len(by_iter) for it in iters]
-
-
-def plot_training_runs(run_dirs, png_path):
-    """One panel per quantity the runs logged; GAPT's compression phases shaded in its color.
-    A mode with several seeds is drawn as thin seed lines under a bold mean: with 5 seeds of 3 modes,
-    15 lines of equal weight hide the comparison the figure is for."""
-    plt = import_pyplot()
-    runs = [read_run(d) for d in run_dirs]
-    panels = [(key, title) for key, title in PLOT_PANELS if any(key in r for _, _, rows in runs for r in rows)]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False)
-    modes = list(dict.fromkeys(mode for _, mode, _ in runs))  # in the order given
-    for ax, (key, title) in zip(axes[:, 0], panels):
-        for mode in modes:
-            curves = [(label, [(r["iter"], r[key]) for r in rows if r.get(key) is not None])
-                      for label, m, rows in runs if m == mode]
-            curves = [(label, curve) for label, curve in curves if curve]
-            several = len(curves) > 1
-            for label, curve in curves:
-                ax.plot(*zip(*curve), color=MODE_COLORS[mode], lw=0.6 if several else 1,
-                        alpha=0.35 if several else 0.8, label=None if several else label)
-            if several:
-                ax.plot(*mean_curve([curve for _, curve in curves]), color=MODE_COLORS[mode], lw=2,
-                        label=f"{mode}, mean of {len(curves)} seeds")
-        for _, mode, rows in runs:  # the phases of several GAPT seeds overlap and shade darker
-            if mode == "gapt":
-                for first, last in compression_spans(rows, rows[-1]["iter"]):
-                    ax.axvspan(first, last, color=MODE_COLORS[mode], alpha=0.08, lw=0)
-        if key == "align_cos":
-            ax.axhline(0, color="k", lw=0.5)
-        ax.set_ylabel(title, fontsize=8)
-    axes[0, 0].legend(fontsize=7, ncol=3)
-    if "gapt" in modes:
-        axes[0, 0].set_title("shaded: GAPT compression phases (darker where more seeds compress)", fontsize=8)
-    axes[-1, 0].set_xlabel("optimizer step")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-
-
-def plot_forgetting(json_path, png_path):
-    """Figure of the conflicting-memories toy from forgetting.json: separation per mode (mean and std
-    over seeds, both schedules) and separation over training steps (mean over seeds)."""
-    plt = import_pyplot()
-    with open(json_path) as f:
-        result = json.load(f)
-    summary, runs, cfg = result["summary"], result["runs"], result["config"]
-    schedules = list(summary)
-    modes = list(summary[schedules[0]])
-    colors = MODE_COLORS
-
-    fig, axes = plt.subplots(1, 1 + len(schedules), figsize=(5 + 5 * len(schedules), 4))
-    ax = axes[0]
-    width = 0.8 / len(modes)
-    for i, mode in enumerate(modes):
-        xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(schedules))]
-        means = [summary[s][mode]["separation"][0] for s in schedules]
-        stds = [summary[s][mode]["separation"][1] for s in schedules]
-        ax.bar(xs, means, width, yerr=stds, capsize=4, color=colors.get(mode), label=mode)
-        for x, s in zip(xs, schedules):
-            if mode != "baseline":
-                ax.annotate(f"{summary[s][mode]['sep_change_pct']:+.0f}%", (x, 0), xytext=(0, 3),
-                            textcoords="offset points", ha="center", fontsize=8, color="white")
-    ax.set_xticks(range(len(schedules)), schedules)
-    ax.set_ylabel("separation  ||mu1 - mu2|| / sqrt(within)")
-    n_seeds = len({r["seed"] for r in runs})
-    ax.set_title(f"final separation, mean ± std over {n_seeds} seeds\n"
-                 f"(% = change vs baseline; paper: GAPT +{result['paper_separation_gain_pct']:.0f}%)", fontsize=9)
-    ax.legend(fontsize=8)
-
-    for ax, schedule in zip(axes[1:], schedules):
-        for mode in modes:
-            curves = [r["curve"] for r in runs if r["schedule"] == schedule and r["mode"] == mode]
-            steps = curves[0]["step"]
-            mean = [sum(c["separation"][i] for c in curves) / len(curves) for i in range(len(steps))]
-            ax.plot(steps, mean, color=colors.get(mode), label=mode)
-        if schedule == "sequential":
-            ax.axvline(cfg["forget_steps"], color="k", ls=":", lw=1)
-            ax.text(cfg["forget_steps"], 0.5, "task 2 starts ", transform=ax.get_xaxis_transform(),
-                    rotation=90, ha="right", va="center", fontsize=8)
-        # where the GAPT gate compressed (seed 0), as ticks along the bottom
-        gapt0 = next((r for r in runs if r["schedule"] == schedule and r["mode"] == "gapt" and r["seed"] == 0), None)
-        if gapt0:
-            on = [i for i, p in enumerate(gapt0["phase"]) if p == 2]
-            ax.plot(on, [0.02] * len(on), "|", color=colors["gapt"], ms=6, transform=ax.get_xaxis_transform())
-        ax.set_xlabel("step")
-        ax.set_ylabel("separation (mean over seeds)")
-        ax.set_title(f"{schedule} schedule: separation during training\n"
-                     "(red ticks: steps in GAPT's compression phase, seed 0)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-
-
-SUMMARY_KEYS = ("val_ce", "val_mbe", "val_answer_ce", "val_ood_answer_ce", "val_exact_match", "val_ood_exact_match",
-                "compressing", "compression_phases")
-
-
-def final_metrics(out_dir, rows):
-    """A run's last evaluation (at max_iters: a fixed step, never the best one, so nothing is
-    chosen on a validation or OOD split), plus sample.py's exact match if eval_arithmetic.json exists."""
-    last = [r for r in rows if r.get("event") == "eval"][-1]
-    metrics = dict(last)
-    # the share of steps with MBE_reg in the loss, and in how many phases: fixed for baseline and iblm
-    mode = next(r["config"]["mode"] for r in rows if r.get("event") == "start")
-    spans = compression_spans(rows, last["iter"])
-    metrics["compressing"] = dict(baseline=0.0, iblm=1.0).get(mode, sum(b - a for a, b in spans) / last["iter"])
-    metrics["compression_phases"] = dict(baseline=0, iblm=1).get(mode, len(spans))
-    for block, value in enumerate(last.get("val_mbe_blocks", [])):
-        metrics[f"block {block}"] = value
-    path = os.path.join(out_dir, "eval_arithmetic.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            metrics.update({f"{row['split']}_exact_match": row["exact_match"] for row in json.load(f)["rows"]})
-    return metrics
-
-
-def mode_table(by_mode, keys):
-    """Markdown rows: mean ± std of each key over each mode's runs, and the change of the mean
-    against the baseline's."""
-    means = {mode: {k: np.mean([m[k] for m in ms]) for k in keys} for mode, ms in by_mode.items()}
-    lines = ["| mode | runs | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
-    for mode, ms in by_mode.items():
-        cells = []
-        for k in keys:
-            values = [m[k] for m in ms]
-            cell = f"{np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.4f}"
-            if mode != "baseline" and "baseline" in means and means["baseline"][k]:
-                cell += f" ({100 * (means[mode][k] / means['baseline'][k] - 1):+.1f}%)"
-            cells.append(cell)
-        lines.append(f"| {mode} | {len(ms)} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def alignment_table(runs_by_mode, window):
-    """Markdown rows for the cycle: per mode, cos(grad CE, grad MBE_reg) in consecutive windows of
-    `window` steps, mean ± standard error over every measurement of every run in the window (one
-    micro-batch is a noisy gradient: single measurements flip sign often), then how many were > 0."""
-    last = max(r["iter"] for rows in sum(runs_by_mode.values(), []) for r in rows if "align_cos" in r)
-    starts = range(0, last + 1, window)
-    lines = ["| mode | runs | sign changes per run | " + " | ".join(f"{a}-{a + window - 1}" for a in starts) + " |",
-             "|---|---:|---:|" + "---:|" * len(starts)]
-    for mode, runs in runs_by_mode.items():
-        series = [[(r["iter"], r["align_cos"]) for r in rows if "align_cos" in r] for rows in runs]
-        flips = np.mean([sum((a > 0) != (b > 0) for (_, a), (_, b) in zip(s, s[1:])) for s in series])
-        cells = []
-        for a in starts:
-            values = [c for s in series for it, c in s if a <= it < a + window]
-            se = np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-            cells.append(f"{np.mean(values):+.2f} ± {se:.2f} ({sum(v > 0 for v in values)}/{len(values)})"
-                         if values else "")
-        lines.append(f"| {mode} | {len(runs)} | {flips:.1f} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def summarize_runs(run_dirs):
-    """Markdown tables of the runs' final evaluations, by mode: the summary metrics, then the
-    validation MBE of every block (the regularized middle ones and the free ones at both ends),
-    then the alignment cosine over training if the runs measured it."""
-    metrics_by_mode, rows_by_mode, pending = {}, {}, []
-    for out_dir in run_dirs:
-        _, mode, rows = read_run(out_dir)
-        if not any(r.get("event") == "eval" for r in rows):
-            pending.append(out_dir)  # a run still before its first evaluation: in the figure only
-            continue
-        metrics_by_mode.setdefault(mode, []).append(final_metrics(out_dir, rows))
-        rows_by_mode.setdefault(mode, []).append(rows)
-    runs = [m for ms in metrics_by_mode.values() for m in ms]
-    if not runs:
-        return f"no evaluation yet in {', '.join(pending)}: no table"
-    keys = [k for k in SUMMARY_KEYS if all(k in m for m in runs)]
-    lines = [f"final evaluation at iter {sorted({m['iter'] for m in runs})}, mean ± std over runs "
-             f"(change of the mean vs baseline)", "", *mode_table(metrics_by_mode, keys)]
-    n_blocks = min(len(m.get("val_mbe_blocks", [])) for m in runs)
-    if n_blocks:
-        lines += ["", "validation MBE of each block's output", "",
-                  *mode_table(metrics_by_mode, [f"block {b}" for b in range(n_blocks)])]
-    if pending:
-        lines += ["", f"not in the tables, no evaluation yet: {', '.join(pending)}"]
-    measured = {mode: rs for mode, rs in rows_by_mode.items() if all(any("align_cos" in r for r in rows) for rows in rs)}
-    if measured:
-        window = next(r["config"]["eval_interval"] for r in rows_by_mode[next(iter(measured))][0] if "config" in r)
-        lines += ["", f"cos(grad CE, grad MBE_reg) per {window} steps: mean ± s.e. over the measurements "
-                      f"(> 0 / all)", "", *alignment_table(measured, window)]
-    return "\n".join(lines)
-
-
-def run_plot(cfg):
-    run_dirs = [d for d in cfg["plot_runs"].split(",") if d]
-    if not run_dirs:
-        raise ConfigError("--task=plot needs --plot_runs=DIR[,DIR...], the out_dirs of the runs to draw")
-    os.makedirs(os.path.dirname(cfg["plot_file"]) or ".", exist_ok=True)
-    forgetting_json = os.path.join(run_dirs[0], "forgetting.json")
-    if os.path.exists(forgetting_json):
-        plot_forgetting(forgetting_json, cfg["plot_file"])
-    else:
-        plot_training_runs(run_dirs, cfg["plot_file"])
-        print(summarize_runs(run_dirs))
-    print(f"wrote {cfg['plot_file']}")
-
-
-# -----------------------------------------------------------------------------
-# Entry point
-# -----------------------------------------------------------------------------
-def main(argv=None):
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
-    tasks = dict(pretrain=train, forgetting=run_forgetting, bench=run_bench, plot=run_plot)
-    return tasks[cfg["task"]](cfg)
-
-
 if __name__ == "__main__":
-    main()
+    train(load_config(sys.argv[1:]))

@@ -139,7 +139,7 @@ def tokenizer():
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken downloads its BPE files on first use
         fail(f"cannot load the GPT-2 BPE files ({type(e).__name__}); tiktoken downloads them on first use. "
-             f"Offline, set TIKTOKEN_CACHE_DIR to a folder that holds them (this project's CI uses ../shared/tiktoken_cache)")
+             f"Offline, set TIKTOKEN_CACHE_DIR to a folder that holds them")
 
 
 def encode_document(text):

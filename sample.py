@@ -43,13 +43,13 @@ SAMPLE_DEFAULTS = dict(
 
 def load_sample_config(argv):
     cfg = gapt.parse_config(argv, SAMPLE_DEFAULTS)
-    if cfg["eval"] not in ("", "arithmetic"):
-        raise gapt.ConfigError(f"eval must be '' (sample) or 'arithmetic', got {cfg['eval']!r}")
+    if cfg.eval not in ("", "arithmetic"):
+        raise gapt.ConfigError(f"eval must be '' (sample) or 'arithmetic', got {cfg.eval!r}")
     for key in ("num_samples", "max_new_tokens", "n"):
         if cfg[key] <= 0:
             raise gapt.ConfigError(f"{key} must be positive, got {cfg[key]}")
-    if cfg["temperature"] < 0:
-        raise gapt.ConfigError(f"temperature must be >= 0 (0 is greedy), got {cfg['temperature']}")
+    if cfg.temperature < 0:
+        raise gapt.ConfigError(f"temperature must be >= 0 (0 is greedy), got {cfg.temperature}")
     return cfg
 
 
@@ -123,9 +123,9 @@ def generate_samples(model, prompt_ids, cfg, device):
     """num_samples continuations of the prompt, drawn in one batch, as token lists (prompt included)."""
     if not prompt_ids:
         raise SystemExit("sample.py: the prompt is empty; give the model something to continue with --start")
-    torch.manual_seed(cfg["seed"])  # seeds the CUDA generators too
-    x = torch.tensor([prompt_ids] * cfg["num_samples"], dtype=torch.long, device=device)
-    y = model.generate(x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"] or None)
+    torch.manual_seed(cfg.seed)  # seeds the CUDA generators too
+    x = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)
+    y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
     return y.tolist()
 
 
@@ -185,7 +185,7 @@ def load_arithmetic_splits(data_dir, dataset, meta, n, checkpoint_path):
     if meta is None:
         raise SystemExit(f"sample.py: --eval=arithmetic needs {meta_path} (the run's dataset); point --data_dir "
                          f"at the folder that holds '{dataset}', or prepare it with python prepare_data.py arithmetic")
-    answer_sets = gapt.load_answer_sets(dict(data_dir=data_dir, dataset=dataset, answer_eval_examples=n), meta)
+    answer_sets = gapt.load_answer_sets(gapt.Config(data_dir=data_dir, dataset=dataset, answer_eval_examples=n), meta)
     if not answer_sets:
         tokenizer = "GPT-2 BPE" if meta["tokenizer"] == "gpt2" else f"the characters {''.join(meta['tokenizer'])!r}"
         raise SystemExit(f"sample.py: --eval=arithmetic needs a model trained on arithmetic data, but {checkpoint_path} "
@@ -216,23 +216,23 @@ def main(argv=None):
     """Prints samples (returns their text) or the arithmetic table (returns its rows)."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = load_sample_config(argv)
-    device = gapt.resolve_device(cfg["device"])
-    model, checkpoint = load_model(cfg["out_dir"], device)
+    device = gapt.resolve_device(cfg.device)
+    model, checkpoint = load_model(cfg.out_dir, device)
     dataset = checkpoint["config"]["dataset"]
-    data_dir = cfg["data_dir"] or checkpoint["config"]["data_dir"]
+    data_dir = cfg.data_dir or checkpoint["config"]["data_dir"]
     meta_path = os.path.join(data_dir, dataset, "meta.json")
     meta = gapt.load_meta(data_dir, dataset)
 
-    if cfg["eval"] == "arithmetic":
-        checkpoint_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-        answer_sets = load_arithmetic_splits(data_dir, dataset, meta, cfg["n"], checkpoint_path)
+    if cfg.eval == "arithmetic":
+        checkpoint_path = os.path.join(cfg.out_dir, "ckpt.pt")
+        answer_sets = load_arithmetic_splits(data_dir, dataset, meta, cfg.n, checkpoint_path)
         _, decode = tokenizer_for(meta, model, meta_path)
-        print(f"{checkpoint_path} (iter {checkpoint['iter_num']}): greedy answers to the first {cfg['n']} "
+        print(f"{checkpoint_path} (iter {checkpoint['iter_num']}): greedy answers to the first {cfg.n} "
               f"examples of each split")
         rows = [dict(split=split, **evaluate_arithmetic(model, examples, sep_token, meta["eot_token"], decode, device))
                 for split, (examples, sep_token) in answer_sets.items()]
         print(format_table(rows))
-        result_path = os.path.join(cfg["out_dir"], "eval_arithmetic.json")
+        result_path = os.path.join(cfg.out_dir, "eval_arithmetic.json")
         with open(result_path, "w") as f:
             json.dump(dict(command=shlex.join(["python", "sample.py", *argv]), iter_num=checkpoint["iter_num"],
                            dataset=dataset, rows=rows), f, indent=2)
@@ -240,7 +240,7 @@ def main(argv=None):
         return rows
 
     encode, decode = tokenizer_for(meta, model, meta_path)
-    samples = [decode(ids) for ids in generate_samples(model, encode(read_prompt(cfg["start"])), cfg, device)]
+    samples = [decode(ids) for ids in generate_samples(model, encode(read_prompt(cfg.start)), cfg, device)]
     for text in samples:
         print(text)
         print("---------------")

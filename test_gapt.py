@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import gapt
 import prepare_data
 import sample
+from experiments import bench, forgetting, report
 from gapt import GAPT, GPT, GPTConfig, mbe, patch_mbe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -509,17 +510,16 @@ def test_config_files_set_values_and_command_line_overrides_win(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# The conflicting-memories toy (--task=forgetting)
+# The conflicting-memories toy (experiments/forgetting.py)
 # -----------------------------------------------------------------------------
 def toy_config(**overrides):
     # few steps and short patience so the gate really switches within the run
-    cfg = {**gapt.DEFAULTS, "forget_steps": 16, "forget_eval_interval": 8, "forget_n_eval": 64,
-           "forget_patience_mem": 2, "forget_patience_comp": 2}
-    return {**cfg, **overrides}
+    return forgetting.load_config([f"--{k}={v}" for k, v in dict(
+        steps=16, eval_interval=8, n_eval=64, patience_mem=2, patience_comp=2, **overrides).items()])
 
 
 def test_forgetting_tasks_have_expected_shapes_and_mirrored_inputs():
-    tasks = gapt.make_forgetting_tasks(0, n_train=320, n_eval=1000)
+    tasks = forgetting.make_forgetting_tasks(0, n_train=320, n_eval=1000)
     for task in (1, 2):
         assert tasks[f"x{task}_train"].shape == (320, 10) and tasks[f"y{task}_train"].shape == (320, 10)
         assert tasks[f"x{task}_eval"].shape == (1000, 10) and tasks[f"y{task}_eval"].shape == (1000, 10)
@@ -532,8 +532,8 @@ def test_forgetting_tasks_have_expected_shapes_and_mirrored_inputs():
 
 
 def test_same_seed_gives_identical_tasks_and_other_seed_differs():
-    a, b = gapt.make_forgetting_tasks(3, n_train=64), gapt.make_forgetting_tasks(3, n_train=64)
-    c = gapt.make_forgetting_tasks(4, n_train=64)
+    a, b = forgetting.make_forgetting_tasks(3, n_train=64), forgetting.make_forgetting_tasks(3, n_train=64)
+    c = forgetting.make_forgetting_tasks(4, n_train=64)
     for k in a:
         if k == "theta0":
             assert all(torch.equal(a[k][n], b[k][n]) for n in a[k])
@@ -543,13 +543,13 @@ def test_same_seed_gives_identical_tasks_and_other_seed_differs():
 
 
 def test_eval_set_does_not_depend_on_training_stream_length():
-    short, long = gapt.make_forgetting_tasks(0, n_train=64), gapt.make_forgetting_tasks(0, n_train=640)
+    short, long = forgetting.make_forgetting_tasks(0, n_train=64), forgetting.make_forgetting_tasks(0, n_train=640)
     assert torch.equal(short["x2_eval"], long["x2_eval"])
 
 
 def test_shift_is_low_rank_and_scaled_between_half_and_five_times_the_weights():
-    theta = gapt.random_init(torch.Generator().manual_seed(0))
-    dtheta = gapt.random_shift(theta, torch.Generator().manual_seed(1))
+    theta = forgetting.random_init(torch.Generator().manual_seed(0))
+    dtheta = forgetting.random_shift(theta, torch.Generator().manual_seed(1))
     for name, p in theta.items():
         ratio = (dtheta[name].norm() / p.norm()).item()
         assert 0.5 <= ratio <= 5.0
@@ -560,26 +560,26 @@ def test_shift_is_low_rank_and_scaled_between_half_and_five_times_the_weights():
 def test_separation_of_hand_made_clusters_matches_definition():
     # cluster 1 = {e1 + s e2, e1 - s e2}, cluster 2 = {-e1 + s e2, -e1 - s e2}:
     # mu1 = e1, mu2 = -e1, between = 2; every point is s away from its mean, within = s^2;
-    # gapt.separation = 2 / s
+    # forgetting.separation = 2 / s
     s = 0.5
     e1, e2 = torch.eye(3)[0], torch.eye(3)[1]
     h1 = torch.stack([e1 + s * e2, e1 - s * e2])
     h2 = torch.stack([-e1 + s * e2, -e1 - s * e2])
-    assert math.isclose(gapt.separation(h1, h2), 2 / s, rel_tol=1e-6)
+    assert math.isclose(forgetting.separation(h1, h2), 2 / s, rel_tol=1e-6)
 
 
 def test_separation_ignores_common_shift_and_scale():
     g = torch.Generator().manual_seed(0)
     h1, h2 = torch.randn(50, 20, generator=g), torch.randn(70, 20, generator=g) + 1
-    assert math.isclose(gapt.separation(h1, h2), gapt.separation(3 * h1 + 7, 3 * h2 + 7), rel_tol=1e-5)
+    assert math.isclose(forgetting.separation(h1, h2), forgetting.separation(3 * h1 + 7, 3 * h2 + 7), rel_tol=1e-5)
 
 
 def test_every_mode_and_schedule_completes_a_short_run_with_finite_metrics():
-    tasks = gapt.make_forgetting_tasks(0, n_train=16 * 32, n_eval=64)
+    tasks = forgetting.make_forgetting_tasks(0, n_train=16 * 32, n_eval=64)
     cfg = toy_config()
-    for schedule in gapt.FORGET_SCHEDULES:
-        for mode in gapt.FORGET_MODES:
-            r = gapt.train_forgetting(tasks, mode, schedule, cfg)
+    for schedule in forgetting.FORGET_SCHEDULES:
+        for mode in forgetting.FORGET_MODES:
+            r = forgetting.train_forgetting(tasks, mode, schedule, cfg)
             for k in ("separation", "loss1", "loss2", "mbe"):
                 assert math.isfinite(r[k]), (mode, schedule, k)
             assert (r["forgetting"] is not None) == (schedule == "sequential")
@@ -590,35 +590,35 @@ def test_every_mode_and_schedule_completes_a_short_run_with_finite_metrics():
 
 def test_modes_differ_only_by_the_mbe_weight():
     # iblm with lambda = 0 must reproduce the baseline bit for bit: same start, data and batches
-    tasks = gapt.make_forgetting_tasks(1, n_train=16 * 32, n_eval=64)
-    base = gapt.train_forgetting(tasks, "baseline", "mixed", toy_config())
-    iblm0 = gapt.train_forgetting(tasks, "iblm", "mixed", toy_config(forget_mbe_weight=0.0))
+    tasks = forgetting.make_forgetting_tasks(1, n_train=16 * 32, n_eval=64)
+    base = forgetting.train_forgetting(tasks, "baseline", "mixed", toy_config())
+    iblm0 = forgetting.train_forgetting(tasks, "iblm", "mixed", toy_config(mbe_weight=0.0))
     assert base["curve"] == iblm0["curve"]
 
 
 def test_run_forgetting_writes_json_with_every_seed_mode_and_schedule(tmp_path, capsys):
-    result = gapt.run_forgetting(toy_config(forget_seeds=2, out_dir=str(tmp_path)))
+    result = forgetting.run_forgetting(toy_config(seeds=2, out_dir=str(tmp_path)))
     with open(tmp_path / "forgetting.json") as f:
         saved = json.load(f)
-    assert len(saved["runs"]) == 2 * len(gapt.FORGET_MODES) * len(gapt.FORGET_SCHEDULES)
+    assert len(saved["runs"]) == 2 * len(forgetting.FORGET_MODES) * len(forgetting.FORGET_SCHEDULES)
     gapt_seq = result["summary"]["sequential"]["gapt"]
     assert saved["summary"]["sequential"]["gapt"]["separation"] == list(gapt_seq["separation"])
     assert "paper" in capsys.readouterr().out
 
 
 def test_the_forgetting_task_runs_from_the_command_line(tmp_path):
-    done = run_gapt("--task=forgetting", "--forget_seeds=1", "--forget_steps=16", "--forget_eval_interval=8",
-                    "--forget_n_eval=64", f"--out_dir={tmp_path}")
+    done = subprocess.run([sys.executable, "-m", "experiments.forgetting", "--seeds=1", "--steps=16",
+                           "--eval_interval=8", "--n_eval=64", f"--out_dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=HERE, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "separation" in done.stdout and (tmp_path / "forgetting.json").exists()
 
 
 # -----------------------------------------------------------------------------
-# The benchmark (--task=bench)
+# The benchmark (experiments/bench.py)
 # -----------------------------------------------------------------------------
 def test_the_benchmark_times_every_variant_against_the_baseline(tmp_path):
-    summary = gapt.run_bench(tiny_config(tmp_path, task="bench", bench_steps=2, bench_rounds=2, align_interval=2,
-                                         vocab_size=32))
+    summary = bench.run_bench(bench.load_config(tiny_args(tmp_path, steps=2, rounds=2, align_interval=2, vocab_size=32)))
     names = [row["variant"] for row in summary["rows"]]
     assert names == ["baseline (CE only)", "gapt, compression phase", "alignment measurement (one)",
                      "baseline + alignment every 2"]
@@ -1184,17 +1184,17 @@ def test_command_line_errors_exit_nonzero_naming_sample_py(tmp_path, arg, messag
 
 
 # -----------------------------------------------------------------------------
-# Figures (--task=plot)
+# Figures and tables (experiments/report.py)
 # -----------------------------------------------------------------------------
 def test_compression_phases_are_read_from_the_phase_change_rows():
     rows = [dict(iter=3, event="phase_change", phase=2), dict(iter=5, event="phase_change", phase=1),
             dict(iter=9, ce=1.0), dict(iter=12, event="phase_change", phase=2)]
-    assert gapt.compression_spans(rows, last_iter=20) == [(3, 5), (12, 20)]
+    assert report.compression_spans(rows, last_iter=20) == [(3, 5), (12, 20)]
 
 
 def test_the_mean_curve_averages_runs_at_the_iterations_all_of_them_logged():
     curves = [[(0, 1.0), (5, 2.0), (10, 3.0)], [(0, 3.0), (10, 5.0)], [(0, 2.0), (5, 9.0), (10, 4.0)]]
-    assert gapt.mean_curve(curves) == ([0, 10], [2.0, 4.0])
+    assert report.mean_curve(curves) == ([0, 10], [2.0, 4.0])
 
 
 def test_plot_draws_the_logged_runs_into_a_png(tmp_path, data):
@@ -1204,13 +1204,13 @@ def test_plot_draws_the_logged_runs_into_a_png(tmp_path, data):
         write_run_log(tmp_path / f"baseline-{seed}", "baseline", seed)
     plot_file = tmp_path / "figure.png"
     runs = ",".join(str(tmp_path / d) for d in ("out", "baseline-1", "baseline-2"))
-    gapt.main(["--task=plot", f"--plot_runs={runs}", f"--plot_file={plot_file}"])
+    report.run_report(gapt.parse_config([f"--runs={runs}", f"--file={plot_file}"], report.DEFAULTS))
     assert plot_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_without_runs_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="plot_runs"):
-        gapt.main(["--task=plot", f"--plot_file={tmp_path / 'x.png'}"])
+    with pytest.raises(SystemExit, match="--runs"):
+        report.run_report(gapt.parse_config([f"--file={tmp_path / 'x.png'}"], report.DEFAULTS))
 
 
 def write_run_log(out_dir, mode, seed, val_ood_answer_ce=1.0, val_mbe_blocks=None):
@@ -1228,7 +1228,7 @@ def write_run_log(out_dir, mode, seed, val_ood_answer_ce=1.0, val_mbe_blocks=Non
 def test_the_summary_table_reports_the_final_evaluation_per_mode_and_the_change_vs_baseline(tmp_path):
     for name, mode, seed, ood in (("b1", "baseline", 1, 2.0), ("b2", "baseline", 2, 4.0), ("g1", "gapt", 1, 2.4)):
         write_run_log(tmp_path / name, mode, seed, ood)
-    table = gapt.summarize_runs([str(tmp_path / n) for n in ("b1", "b2", "g1")])
+    table = report.summarize_runs([str(tmp_path / n) for n in ("b1", "b2", "g1")])
     assert "at iter [10]" in table
     assert "| baseline | 2 | 2.0000 ± 0.0000 | 3.0000 ± 1.4142 |" in table
     assert "| gapt | 1 | 2.0000 ± 0.0000 (+0.0%) | 2.4000 ± 0.0000 (-20.0%) |" in table
@@ -1243,7 +1243,7 @@ def test_the_summary_reports_the_alignment_cosine_per_window_and_its_sign_change
         rows += [dict(iter=5 * i, align_cos=c) for i, c in enumerate(cosines)]
         with open(tmp_path / name / "log.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    table = gapt.summarize_runs([str(tmp_path / "b1"), str(tmp_path / "b2")])
+    table = report.summarize_runs([str(tmp_path / "b1"), str(tmp_path / "b2")])
     assert "| mode | runs | sign changes per run | 0-9 | 10-19 |" in table
     # steps 0-9: 0.2, -0.1, 0.4, 0.1 (mean 0.15, s.e. 0.104, 3 > 0); 10-19: -0.3, -0.5, -0.1, 0.3
     # sign changes: b1 1, b2 2
@@ -1255,10 +1255,10 @@ def test_the_summary_leaves_out_runs_not_yet_evaluated_and_names_them(tmp_path):
     os.makedirs(tmp_path / "g1")
     with open(tmp_path / "g1" / "log.jsonl", "w") as f:
         f.write(json.dumps(dict(event="start", iter=0, config=dict(mode="gapt", seed=1))) + "\n")
-    table = gapt.summarize_runs([str(tmp_path / "b1"), str(tmp_path / "g1")])
+    table = report.summarize_runs([str(tmp_path / "b1"), str(tmp_path / "g1")])
     assert "| baseline | 1 |" in table and "| gapt |" not in table
     assert f"no evaluation yet: {tmp_path / 'g1'}" in table
-    assert "no table" in gapt.summarize_runs([str(tmp_path / "g1")])
+    assert "no table" in report.summarize_runs([str(tmp_path / "g1")])
 
 
 def test_the_summary_reports_the_share_of_steps_spent_compressing(tmp_path):
@@ -1267,7 +1267,7 @@ def test_the_summary_reports_the_share_of_steps_spent_compressing(tmp_path):
     write_run_log(tmp_path / "g1", "gapt", 1)
     with open(tmp_path / "g1" / "log.jsonl", "a") as f:  # compressing over steps 2-3 and 7-9 of 10
         f.writelines(json.dumps(dict(iter=it, event="phase_change", phase=p)) + "\n" for it, p in ((2, 2), (4, 1), (7, 2)))
-    table = gapt.summarize_runs([str(tmp_path / n) for n in ("b1", "i1", "g1")])
+    table = report.summarize_runs([str(tmp_path / n) for n in ("b1", "i1", "g1")])
     assert "| compressing | compression_phases |" in table
     assert "| 0.0000 ± 0.0000 | 0.0000 ± 0.0000 |" in table.split("| baseline |")[1].split("\n")[0]
     assert "| 1.0000 ± 0.0000 | 1.0000 ± 0.0000 |" in table.split("| iblm |")[1].split("\n")[0]
@@ -1278,7 +1278,7 @@ def test_the_summary_reports_the_validation_mbe_of_every_block(tmp_path):
     write_run_log(tmp_path / "b1", "baseline", 1, val_mbe_blocks=[1.0, 2.0, 1.0])
     write_run_log(tmp_path / "b2", "baseline", 2, val_mbe_blocks=[1.0, 1.0, 1.0])
     write_run_log(tmp_path / "g1", "gapt", 1, val_mbe_blocks=[1.0, 0.3, 1.0])
-    table = gapt.summarize_runs([str(tmp_path / n) for n in ("b1", "b2", "g1")])
+    table = report.summarize_runs([str(tmp_path / n) for n in ("b1", "b2", "g1")])
     assert "| mode | runs | block 0 | block 1 | block 2 |" in table
     assert "| baseline | 2 | 1.0000 ± 0.0000 | 1.5000 ± 0.7071 | 1.0000 ± 0.0000 |" in table
     assert "| gapt | 1 | 1.0000 ± 0.0000 (+0.0%) | 0.3000 ± 0.0000 (-80.0%) | 1.0000 ± 0.0000 (+0.0%) |" in table

@@ -1,4 +1,4 @@
-# Arithmetic OOD generalization at laptop scale (experiment (b) of PAPER.md): train on a*b=c with
+# Arithmetic OOD generalization at laptop scale (the paper's experiment (b)): train on a*b=c with
 # 1-3 digit operands, report answer CE and exact match on val (1-3) and val_ood (4-6) at fixed steps.
 # About 10 min per run on a 2-core CPU (about 20 min each for two runs side by side, one thread each).
 #   python prepare_data.py arithmetic

@@ -1,9 +1,8 @@
 # The benchmark on a laptop CPU: a small GPT (6 x 256, block 256) on random tokens of a small
 # vocabulary, so the transformer blocks, where MBE lives, dominate the step as in GPT-2 124M.
-#   python gapt.py config/bench_cpu.py                  # eager
-#   python gapt.py config/bench_cpu.py --compile=True   # compiled
-#   OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 gapt.py config/bench_cpu.py --gradient_accumulation_steps=2
-task = "bench"
+#   python -m experiments.bench config/bench_cpu.py                  # eager
+#   python -m experiments.bench config/bench_cpu.py --compile=True   # compiled
+#   OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m experiments.bench config/bench_cpu.py --gradient_accumulation_steps=2
 out_dir = "out-bench-cpu"
 device = "cpu"
 compile = False
@@ -15,5 +14,5 @@ batch_size = 8
 gradient_accumulation_steps = 1
 vocab_size = 512
 align_interval = 50  # the default
-bench_steps = 10
-bench_rounds = 6
+steps = 10
+rounds = 6

@@ -1,5 +1,6 @@
 # A laptop-sized GPT on Tiny Shakespeare with GPT-2 BPE (a CPU stand-in for the FineWeb run).
-#   python prepare_data.py text --files ../shared/data/tinyshakespeare/input.txt --name shakespeare
+#   curl -O https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
+#   python prepare_data.py text --files input.txt --name shakespeare
 #   python gapt.py config/shakespeare.py --mode=gapt --out_dir=out-shakespeare-gapt
 dataset = "shakespeare"
 out_dir = "out-shakespeare"

@@ -1,0 +1,141 @@
+"""
+The benchmark: what MBE, the GAPT gate and the alignment probe cost, per training step.
+Variants take turns in rounds inside one process, so machine noise hits them alike, and each is
+reported as a ratio to the baseline step. Random tokens: no dataset needed. It takes every gapt.py
+key (the model, batch, device, dtype, compile, DDP under torchrun) plus its own two:
+
+    python -m experiments.bench config/bench_cpu.py                    # a small GPT on a laptop CPU
+    python -m experiments.bench config/bench_cpu.py --compile=True
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m experiments.bench config/bench_cpu.py \\
+        --gradient_accumulation_steps=2
+    python -m experiments.bench --device=cuda --batch_size=16 --gradient_accumulation_steps=4   # GPT-2 124M, 1 GPU
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import gapt
+from gapt import GAPT, draw_step_windows, mbe_weight_for, measure_alignment, train_step
+
+DEFAULTS = dict(gapt.DEFAULTS,
+                steps=20,  # timed optimizer steps per variant per round
+                rounds=5)  # rounds; variants take turns within a round and the median round is reported
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_variants(cfg, model, train_model, optimizer, token_path, autocast_ctx, dist_info, micro_steps, n_tokens):
+    """name -> function running one optimizer step of that variant (or one alignment measurement)."""
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    # a gate held in compression: it still runs its update every step, as in a real GAPT run
+    gate = GAPT(patience_comp=2 ** 62, tau=math.inf, device=dist_info.device)
+    gate.load_state_dict(dict(gate.state_dict(), phase=2))
+
+    def draw():
+        return draw_step_windows(data_gen, n_tokens, micro_steps, cfg.batch_size, cfg.block_size,
+                                 dist_info.rank, dist_info.world_size)
+
+    def baseline_step():
+        train_step(train_model, optimizer, draw(), 0.0, cfg, token_path, autocast_ctx, dist_info)
+
+    def compression_step():
+        weight = mbe_weight_for("gapt", cfg.mbe_weight, gate)
+        stats = train_step(train_model, optimizer, draw(), weight, cfg, token_path, autocast_ctx, dist_info)
+        gate.step(stats[0], stats[1])
+
+    def alignment():
+        measure_alignment(model, draw()[0], cfg, token_path, autocast_ctx, dist_info)
+
+    return {"baseline (CE only)": baseline_step, "gapt, compression phase": compression_step,
+            "alignment measurement (one)": alignment}
+
+
+def run_bench(cfg):
+    dist_info = gapt.setup_distributed(cfg)
+    device = dist_info.device
+    micro_steps = cfg.gradient_accumulation_steps // dist_info.world_size
+    torch.manual_seed(cfg.seed)
+    model = gapt.make_model(cfg).to(device)
+    optimizer = gapt.make_optimizer(model, cfg, device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    token_path = os.path.join(cfg.out_dir, f"bench_tokens_rank{dist_info.rank}.bin")
+    n_tokens = 64 * cfg.block_size
+    np.random.default_rng(cfg.seed).integers(cfg.vocab_size, size=n_tokens, dtype=np.uint16).tofile(token_path)
+    train_model = gapt.wrap_for_training(model, cfg, dist_info)
+    autocast_ctx = gapt.autocast_context(cfg, device)
+    variants = bench_variants(cfg, model, train_model, optimizer, token_path, autocast_ctx, dist_info, micro_steps, n_tokens)
+    for run_step in variants.values():  # warm-up: compilation and allocator caches
+        for _ in range(3):
+            run_step()
+    timings = {name: [] for name in variants}
+    for round_num in range(cfg.rounds):
+        order = list(variants.items())
+        for name, run_step in order if round_num % 2 == 0 else order[::-1]:  # no variant always goes first
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(cfg.steps):
+                run_step()
+            synchronize(device)
+            timings[name].append((time.perf_counter() - t0) / cfg.steps)
+    del variants, train_model  # they hold the DDP wrapper, which holds the process group
+    gapt.shutdown_distributed(dist_info)
+    return report_bench(cfg, model, timings, dist_info)
+
+
+def report_bench(cfg, model, timings, dist_info):
+    device = dist_info.device
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    peak = gapt.peak_flops(device)
+    medians = {name: float(np.median(times)) for name, times in timings.items()}
+    base = medians["baseline (CE only)"]
+    if cfg.align_interval:  # one measurement every align_interval steps of a baseline run, spread over them
+        medians[f"baseline + alignment every {cfg.align_interval}"] = (
+            base + medians["alignment measurement (one)"] / cfg.align_interval)
+    rows = []
+    for name, dt in medians.items():
+        times = timings.get(name, [dt])
+        row = dict(variant=name, ms_per_step=round(1000 * dt, 2))
+        if name != "alignment measurement (one)":  # not a training step: no throughput
+            row["tok_per_s"] = round(tokens_per_step / dt)
+        row.update(ratio_to_baseline=round(dt / base, 4), spread_ms=round(1000 * (max(times) - min(times)), 2))
+        if peak and "tok_per_s" in row:
+            row["mfu"] = round(gapt.flops_per_token(model) * tokens_per_step / dt / (peak * dist_info.world_size), 4)
+        rows.append(row)
+    summary = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+                   world_size=dist_info.world_size, compile=cfg.compile, params=model.num_params(),
+                   tokens_per_step=tokens_per_step, rows=rows)
+    if device.type == "cuda":
+        summary["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    else:  # the whole process's peak resident memory (Linux reports kilobytes)
+        import resource
+        summary["peak_memory_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+    if dist_info.master:
+        print(f"{summary['device']}, {dist_info.world_size} process(es), compile={cfg.compile}, "
+              f"{model.num_params() / 1e6:.2f}M parameters, {tokens_per_step:,} tokens per step, "
+              f"peak memory {summary['peak_memory_gb']} GB")
+        for row in rows:
+            print(gapt.format_row(row))
+        with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
+def load_config(argv):
+    cfg = gapt.parse_config(argv, DEFAULTS)
+    gapt.validate_config(cfg)
+    for key in ("steps", "rounds"):
+        if cfg[key] <= 0:
+            raise gapt.ConfigError(f"{key} must be positive, got {cfg[key]}")
+    return cfg
+
+
+if __name__ == "__main__":
+    run_bench(load_config(sys.argv[1:]))
