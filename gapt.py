@@ -247,29 +247,6 @@ class GPT(nn.Module):
         """Logits at every position, without loss or MBE (for scoring answers)."""
         return self.lm_head(self.trunk(idx, measure_mbe=False)[0])
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None):
-        """Extend idx (B, T). temperature=0 means greedy. Stops early once every row has
-        produced stop_token (rows that finished keep generating; callers cut at stop_token)."""
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            logits, _, _ = self(idx[:, -self.config.block_size:])  # wpe has only block_size positions
-            logits = logits[:, -1, :]
-            if temperature == 0:
-                next_token = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits[logits < kth] = -float("inf")
-                next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, next_token), dim=1)
-            if stop_token is not None:
-                finished |= next_token.squeeze(1) == stop_token
-                if finished.all():
-                    break
-        return idx
-
 
 # -----------------------------------------------------------------------------
 # IBLM: Information Bottleneck Language Modelling, loss = CE + lambda * MBE_reg.
@@ -642,7 +619,7 @@ def train(cfg):
 # Config parsing and checks
 # -----------------------------------------------------------------------------
 CHOICES = dict(
-        mode=("baseline", "iblm", "gapt"),
+    mode=("baseline", "iblm", "gapt"),
     init_from=("scratch", "resume"),
     dtype=("auto", "bfloat16", "float32"),
 )

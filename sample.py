@@ -18,6 +18,7 @@ import sys
 
 import tiktoken
 import torch
+import torch.nn.functional as F
 
 import gapt
 
@@ -119,13 +120,37 @@ def read_prompt(start):
         return f.read()
 
 
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None):
+    """Extend idx (B, T) with the model's tokens. temperature=0 means greedy. Stops early once every row has
+    produced stop_token (rows that finished keep generating; callers cut at stop_token)."""
+    finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        logits, _, _ = model(idx[:, -model.config.block_size:])  # wpe has only block_size positions
+        logits = logits[:, -1, :]
+        if temperature == 0:
+            next_token = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits[logits < kth] = -float("inf")
+            next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+        idx = torch.cat((idx, next_token), dim=1)
+        if stop_token is not None:
+            finished |= next_token.squeeze(1) == stop_token
+            if finished.all():
+                break
+    return idx
+
+
 def generate_samples(model, prompt_ids, cfg, device):
     """num_samples continuations of the prompt, drawn in one batch, as token lists (prompt included)."""
     if not prompt_ids:
         raise SystemExit("sample.py: the prompt is empty; give the model something to continue with --start")
     torch.manual_seed(cfg.seed)  # seeds the CUDA generators too
     x = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)
-    y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
+    y = generate(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
     return y.tolist()
 
 
@@ -146,7 +171,7 @@ def greedy_answers(model, prompts, eot_token, device, batch_size=256):
         for first in range(0, len(rows), batch_size):
             batch = rows[first:first + batch_size]
             idx = torch.tensor([prompts[i] for i in batch], dtype=torch.long, device=device)
-            out = model.generate(idx, max_new_tokens=length, temperature=0, stop_token=eot_token)
+            out = generate(model, idx, max_new_tokens=length, temperature=0, stop_token=eot_token)
             for i, new in zip(batch, out[:, length:].tolist()):
                 # a row that finished early kept generating until the whole batch had: cut it at its eot
                 answers[i] = new[:new.index(eot_token)] if eot_token in new else new

@@ -262,7 +262,7 @@ def test_generate_stops_once_every_row_has_emitted_the_stop_token():
     model = tiny_model()
     with torch.no_grad():
         model.lm_head.weight.zero_()  # all logits equal: greedy picks token 0 every time
-    out = model.generate(torch.ones(2, 3, dtype=torch.long), max_new_tokens=10, temperature=0, stop_token=0)
+    out = sample.generate(model, torch.ones(2, 3, dtype=torch.long), max_new_tokens=10, temperature=0, stop_token=0)
     assert out.shape == (2, 4) and out[:, -1].tolist() == [0, 0]
 
 
@@ -473,6 +473,16 @@ def test_two_ddp_processes_stay_in_lockstep_and_match_a_single_process(tmp_path,
 # -----------------------------------------------------------------------------
 # Bad input: a clear error, a non-zero exit, nothing written
 # -----------------------------------------------------------------------------
+@pytest.mark.parametrize("script, defaults", [("gapt.py", gapt.DEFAULTS), ("sample.py", sample.SAMPLE_DEFAULTS)])
+def test_help_lists_every_key_with_its_default_and_its_comment(script, defaults):
+    done = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.strip().startswith("--")}
+    assert set(lines) == {f"--{key}={default!r}" for key, default in defaults.items()}
+    assert all(len(line.split()) > 1 for line in lines.values())  # every key has its one-line comment
+
+
 @pytest.mark.parametrize("override, message", [
     ("--colour=blue", "unknown config key 'colour'"),
     ("--n_layer=2.5", "n_layer must be int"),
@@ -1008,9 +1018,7 @@ class TableModel:
 
 class Calculator:
     """Writes `answer(a, b)` after each '=', then the end-of-example token, then garbage ('7's) that
-    must never reach the answer: a model whose greedy outputs are known. GPT.generate drives it."""
-
-    generate = gapt.GPT.generate
+    must never reach the answer: a model whose greedy outputs are known. sample.generate drives it."""
 
     def __init__(self, answer):
         self.answer = answer
