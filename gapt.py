@@ -618,11 +618,24 @@ def train(cfg):
 # -----------------------------------------------------------------------------
 # Config parsing and checks
 # -----------------------------------------------------------------------------
-CHOICES = dict(
-    mode=("baseline", "iblm", "gapt"),
-    init_from=("scratch", "resume"),
-    dtype=("auto", "bfloat16", "float32"),
-)
+def rule(check, requirement, keys):
+    return {key: (check, requirement) for key in keys}
+
+
+# What each key must be, checked before anything is written (types are checked against DEFAULTS)
+RULES = {
+    **rule(lambda v: v > 0, "positive", ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer",
+                                          "n_head", "n_embd", "patch_size", "max_iters", "eval_iters", "log_interval",
+                                          "eval_interval", "answer_eval_examples", "learning_rate", "vocab_size")),
+    **rule(lambda v: v >= 0, ">= 0", ("mbe_weight", "mbe_skip_first", "mbe_skip_last", "delta_ce", "delta_mbe",
+                                       "patience_mem", "patience_comp", "tau", "align_interval", "warmup_iters",
+                                       "lr_decay_iters", "min_lr", "weight_decay", "grad_clip")),
+    **rule(lambda v: 0 <= v < 1, "in [0, 1)", ("dropout", "beta1", "beta2")),
+    **rule(lambda v: v != "", "a non-empty path or name", ("out_dir", "data_dir", "dataset")),
+    **rule(lambda v: v in ("baseline", "iblm", "gapt"), "one of baseline, iblm, gapt", ("mode",)),
+    **rule(lambda v: v in ("scratch", "resume"), "one of scratch, resume", ("init_from",)),
+    **rule(lambda v: v in ("auto", "bfloat16", "float32"), "one of auto, bfloat16, float32", ("dtype",)),
+}
 
 
 class ConfigError(SystemExit):
@@ -713,19 +726,16 @@ def load_config(argv):
 
 
 def validate_config(cfg):
-    for key, allowed in CHOICES.items():
-        if cfg[key] not in allowed:
-            raise ConfigError(f"{key} must be one of {allowed}, got {cfg[key]!r}")
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
-                "patch_size", "max_iters", "eval_iters", "log_interval", "eval_interval"):
-        if cfg[key] <= 0:
-            raise ConfigError(f"{key} must be positive, got {cfg[key]}")
+    for key, (check, requirement) in RULES.items():
+        if not check(cfg[key]):
+            raise ConfigError(f"{key} must be {requirement}, got {cfg[key]!r}")
+    check_device(cfg.device)
     if cfg.block_size % cfg.patch_size:
         raise ConfigError(f"block_size ({cfg.block_size}) must be a multiple of patch_size ({cfg.patch_size}): "
                           f"the patch MBE cuts each sequence into whole patches")
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"n_embd ({cfg.n_embd}) must be a multiple of n_head ({cfg.n_head})")
-    if cfg.mbe_skip_first < 0 or cfg.mbe_skip_last < 0 or cfg.mbe_skip_first + cfg.mbe_skip_last >= cfg.n_layer:
+    if cfg.mbe_skip_first + cfg.mbe_skip_last >= cfg.n_layer:
         raise ConfigError(f"mbe_skip_first + mbe_skip_last ({cfg.mbe_skip_first} + {cfg.mbe_skip_last}) "
                           f"must leave at least one of the {cfg.n_layer} blocks to regularize")
 
@@ -749,12 +759,24 @@ class Dist:
         return self.world_size > 1
 
 
-def resolve_device(name, local_rank=0):
+def check_device(name):
+    """A device this build of torch has, before anything is written (resolve_device uses it)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but this torch has no CUDA device; use --device=cpu (or auto)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name!r} but MPS is not available here; use --device=cpu (or auto)")
+    return device
+
+
+def resolve_device(name, local_rank=0):
+    device = check_device(name)
+    return torch.device(f"cuda:{local_rank}") if name in ("auto", "cuda") and device.type == "cuda" else device
 
 
 def setup_distributed(cfg):

@@ -489,6 +489,14 @@ def test_help_lists_every_key_with_its_default_and_its_comment(script, defaults)
     ("--block_size=18", "multiple of patch_size"),
     ("--dataset=missing", "python prepare_data.py text"),
     ("--mode=sometimes", "mode must be one of"),
+    ("--learning_rate=-1e-3", "learning_rate must be positive"),
+    ("--dropout=1.0", "dropout must be in [0, 1)"),
+    ("--beta1=2", "beta1 must be in [0, 1)"),
+    ("--align_interval=-1", "align_interval must be >= 0"),
+    ("--out_dir=", "out_dir must be a non-empty path"),
+    ("--device=foo", "device must be 'auto', 'cpu', 'cuda'"),
+    pytest.param("--device=cuda", "this torch has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is there")),
 ])
 def test_bad_input_exits_nonzero_with_a_clear_message_and_writes_nothing(tmp_path, data, override, message):
     out_dir = tmp_path / "out"
