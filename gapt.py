@@ -534,12 +534,18 @@ def train(cfg):
     dist_info = setup_distributed(cfg)
     device = dist_info.device
     micro_steps = micro_steps_per_process(cfg, dist_info)
+
+    # everything is checked before anything is written: the checkpoint, the data, out_dir
     checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device) if cfg.init_from == "resume" else None
     if checkpoint is not None:  # resuming: the architecture is the checkpoint's, whatever the command line says
         cfg.update({key: checkpoint["config"][key] for key in MODEL_KEYS})
     meta, paths, answer_sets = check_data(cfg)
-    if checkpoint is None:
+    if dist_info.master:
+        check_out_dir(cfg)
+    if checkpoint is None:  # a new model is sized by its dataset's vocabulary
         cfg.vocab_size = model_vocab_size(cfg, meta)
+
+    # the model, optimizer, gate and data stream: fresh, then loaded from the checkpoint when resuming
     model, optimizer, gate, data_gen = build_run(cfg, dist_info, meta)
     iter_num, best_val_loss = restore_run(checkpoint, model, optimizer, gate, data_gen, dist_info)
     autocast_ctx = autocast_context(cfg, device)
@@ -896,9 +902,10 @@ def flops_per_token(model):
 def build_run(cfg, dist_info, meta):
     """A fresh model, optimizer, gate and data stream."""
     device = dist_info.device
-    if meta is not None and meta["vocab_size"] > cfg.vocab_size:
-        raise SystemExit(f"gapt.py: dataset vocabulary ({meta['vocab_size']}) is larger than the model's "
-                         f"({cfg.vocab_size}); was the checkpoint trained on another dataset?")
+    if model_vocab_size(cfg, meta) != cfg.vocab_size:  # only a resumed run can disagree with its data
+        raise SystemExit(f"gapt.py: the checkpoint's model has a vocabulary of {cfg.vocab_size} but dataset "
+                         f"'{cfg.dataset}' needs {model_vocab_size(cfg, meta)}: it was trained on another dataset. "
+                         f"Resume with its own --dataset, or start a new run with --init_from=scratch")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
@@ -927,19 +934,38 @@ def restore_run(checkpoint, model, optimizer, gate, data_gen, dist_info):
 # -----------------------------------------------------------------------------
 # Checkpoints: atomic, weights_only-loadable, and enough state to resume exactly.
 # -----------------------------------------------------------------------------
+CHECKPOINT_KEYS = ("model", "optimizer", "config", "iter_num", "best_val_loss", "gapt", "rng")
+
+
 def save_checkpoint(path, checkpoint):
     """Write to a temporary file, then rename: a crash mid-write leaves the previous checkpoint."""
     tmp = path + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk, a read-only folder (torch reports some as RuntimeError)
+        if os.path.exists(tmp):
+            os.remove(tmp)  # a partial file would only keep the disk full
+        raise SystemExit(f"gapt.py: could not write the checkpoint {path} ({e}); the previous one, if any, is "
+                         f"intact. Free disk space or choose another --out_dir, then resume with --init_from=resume")
 
 
 def load_checkpoint(path, device):
+    """A checkpoint gapt.py wrote, or a one-line error saying what is wrong with the file."""
     if not os.path.exists(path):
         raise SystemExit(f"gapt.py: init_from=resume but there is no checkpoint at {path}; "
                          f"start a new run with --init_from=scratch or point --out_dir at the run to resume")
-    # weights_only: only tensors and plain values are unpickled, so a checkpoint cannot run code
-    return torch.load(path, map_location=device, weights_only=True)
+    try:
+        # weights_only: only tensors and plain values are unpickled, so a checkpoint cannot run code
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises many kinds for an empty, truncated or foreign file
+        raise SystemExit(f"gapt.py: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+                         f"it may be truncated or not from gapt.py: start again with --init_from=scratch") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise SystemExit(f"gapt.py: {path} is not a gapt.py checkpoint (no {', '.join(missing)}); "
+                         f"start again with --init_from=scratch or point --out_dir at a gapt.py run")
+    return checkpoint
 
 
 def rng_states(data_gen, device):
@@ -975,11 +1001,17 @@ def load_meta(data_dir, dataset):
     path = os.path.join(data_dir, dataset, "meta.json")
     if not os.path.exists(path):
         return None
+    fix = f"re-create it with: {prepare_command(dataset)}"
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"gapt.py: {path} is not valid JSON ({e}); re-create it with: {prepare_command(dataset)}")
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"gapt.py: {path} is not valid JSON ({e}); {fix}")
+    expected = dict(vocab_size=int, eot_token=int, tokenizer=(str, list))
+    wrong = [k for k, kind in expected.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
+    if wrong:
+        raise SystemExit(f"gapt.py: {path} lacks or mistypes {', '.join(wrong)}; {fix}")
+    return meta
 
 
 def check_split(data_dir, dataset, split, block_size, meta):
@@ -1029,22 +1061,53 @@ def check_data(cfg):
     return meta, paths, answer_sets
 
 
+def check_out_dir(cfg):
+    """A new run never overwrites a finished one, and out_dir must be a folder we can write."""
+    if cfg.init_from == "scratch" and os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
+        raise ConfigError(f"out_dir {cfg.out_dir!r} holds a run (ckpt.pt): continue it with --init_from=resume, "
+                          f"choose another --out_dir, or delete {cfg.out_dir!r} to start over")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ConfigError(f"out_dir {cfg.out_dir!r} is a file, not a folder; choose another --out_dir")
+    existing = os.path.abspath(cfg.out_dir)
+    while not os.path.exists(existing):  # the folder itself, or the nearest one above it that exists
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"out_dir {cfg.out_dir!r}: {existing} is not writable; choose another --out_dir")
+
+
 # -----------------------------------------------------------------------------
 # Logging: a line on stdout and a JSON row in out_dir/log.jsonl per logged step, evaluation,
 # alignment measurement and phase change.
 # -----------------------------------------------------------------------------
 def start_log(cfg, dist_info, iter_num, model, micro_steps):
-    """out_dir/log.jsonl: a new run starts a new log, a resumed one appends to its own."""
+    """out_dir/log.jsonl: a new run starts a new log; a resumed one keeps its rows up to its checkpoint's
+    evaluation row (the steps after it are about to run, and be logged, again)."""
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if dist_info.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        if cfg.init_from == "scratch" and os.path.exists(log_path):
-            os.remove(log_path)
+        rows = read_log(log_path) if cfg.init_from == "resume" else []
+        ends = [i for i, r in enumerate(rows) if r.get("event") == "eval" and r.get("iter") == iter_num]
+        with open(log_path, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows[:ends[-1] + 1 if ends else len(rows)])
         append_jsonl(log_path, dict(event="start", iter=iter_num, world_size=dist_info.world_size, config=cfg))
         print(f"{model.num_params() / 1e6:.2f}M parameters, {dist_info.world_size} process(es) on "
               f"{dist_info.device.type}, {micro_steps} micro-steps of {cfg.batch_size}x{cfg.block_size} tokens "
               f"each per process")
     return log_path
+
+
+def read_log(path):
+    """The rows of a log.jsonl; a line torn by a crash mid-write (only ever the last) is left out."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
 
 
 def append_jsonl(path, row):

@@ -435,39 +435,120 @@ def test_training_steps_read_nothing_back_from_the_device_between_logs(tmp_path,
     counts = []
     for steps in (4, 12):
         reads.clear()
-        result = gapt.train(tiny_config(tmp_path, mode="gapt", max_iters=steps, lr_decay_iters=steps, log_interval=steps,
+        result = gapt.train(tiny_config(tmp_path, out_dir=tmp_path / f"out{steps}", mode="gapt", max_iters=steps,
+                                        lr_decay_iters=steps, log_interval=steps,
                                         eval_interval=steps, patience_mem=1, patience_comp=1, delta_ce=0.5, delta_mbe=0.5))
         counts.append(len(reads))
     assert 2 in result["phases"] and 1 in result["phases"]
     assert counts[0] == counts[1]
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
-def test_two_ddp_processes_stay_in_lockstep_and_match_a_single_process(tmp_path, data):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(
-        "import os, sys, torch\n"
-        f"sys.path.insert(0, {HERE!r})\n"
-        "import gapt\n"
-        "result = gapt.train(gapt.load_config(sys.argv[1:]))\n"
-        "threads = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
-        "torch.save(dict(model=result['model'].state_dict(), phases=result['phases'], threads=threads),\n"
-        "           os.path.join(os.environ['RESULT_DIR'], f\"rank{os.environ['RANK']}.pt\"))\n")
-    settings = dict(mode="gapt", gradient_accumulation_steps=4, patience_mem=1, patience_comp=2,
-                    delta_ce=0.5, delta_mbe=0.5, align_interval=2)  # alignment: no collective may hang
-    env = dict(os.environ, RESULT_DIR=str(tmp_path), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script),
-                           *tiny_args(tmp_path, out_dir=tmp_path / "ddp", **settings)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    single = gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "single", **settings))
+# -----------------------------------------------------------------------------
+# DDP on CPU with gloo: what torchrun --nproc_per_node=8 and the multi-node commands rely on
+# -----------------------------------------------------------------------------
+DDP_SCRIPT = f"""
+import os, sys, torch
+sys.path.insert(0, {HERE!r})
+import gapt
+torch._dynamo.config.error_on_recompile = True  # a recompile (at a phase change, say) fails the rank
+with open(os.path.join(os.environ["RESULT_DIR"], f"pid{{os.environ['RANK']}}"), "w") as f:
+    f.write(str(os.getpid()))
+result = gapt.train(gapt.load_config(sys.argv[1:]))
+threads = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+torch.save(dict(model=result["model"].state_dict(), phases=result["phases"], threads=threads),
+           os.path.join(os.environ["RESULT_DIR"], f"rank{{os.environ['RANK']}}.pt"))
+"""
+LOCKSTEP = dict(mode="gapt", patience_mem=1, patience_comp=2, delta_ce=0.5, delta_mbe=0.5,
+                align_interval=2)  # alignment: no collective may hang
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ddp(result_dir, args, nproc=2, nodes=1):
+    """torchrun as the README launches it: one launcher per node (all on this machine), gloo on CPU."""
+    os.makedirs(result_dir, exist_ok=True)
+    script = os.path.join(result_dir, "ddp_run.py")
+    with open(script, "w") as f:
+        f.write(DDP_SCRIPT)
+    env = dict(os.environ, RESULT_DIR=str(result_dir), OMP_NUM_THREADS="1")
+    port = free_port()
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                              f"--nnodes={nodes}", f"--node_rank={node}", "--master_addr=127.0.0.1",
+                              f"--master_port={port}", script, *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for node in range(nodes)]
+
+
+def run_ddp(result_dir, args, nproc=2, nodes=1):
+    """Every rank's result (final weights, phases, threads left after train())."""
+    for launcher in start_ddp(result_dir, args, nproc, nodes):
+        _, err = launcher.communicate(timeout=600)
+        assert launcher.returncode == 0, err[-3000:]
+    return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=True) for r in range(nproc * nodes)]
+
+
+def assert_ranks_match_a_single_process(ranks, single, atol=1e-5):
     # a gloo worker thread alive at interpreter exit can abort a finished run (see shutdown_distributed)
-    assert not [name for name in rank0["threads"] + rank1["threads"] if "gloo" in name]
-    assert rank0["phases"] == rank1["phases"] == single["phases"]
+    assert not [name for rank in ranks for name in rank["threads"] if "gloo" in name]
+    assert all(rank["phases"] == single["phases"] for rank in ranks)
+    assert 1 in single["phases"] and 2 in single["phases"]
     for name, p in single["model"].state_dict().items():
-        assert torch.equal(rank0["model"][name], rank1["model"][name])
-        assert torch.allclose(rank0["model"][name], p, atol=1e-5)
+        assert all(torch.equal(rank["model"][name], ranks[0]["model"][name]) for rank in ranks)
+        assert torch.allclose(ranks[0]["model"][name], p, atol=atol)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
+@pytest.mark.parametrize("nproc, nodes", [(2, 1), (8, 1), (2, 2)], ids=["2 processes", "8 processes", "2 nodes x 2"])
+def test_ddp_processes_stay_in_lockstep_and_match_a_single_process(tmp_path, data, nproc, nodes):
+    settings = dict(LOCKSTEP, gradient_accumulation_steps=8)
+    ranks = run_ddp(tmp_path / "ddp", tiny_args(tmp_path, out_dir=tmp_path / "ddp" / "out", **settings), nproc, nodes)
+    single = gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "single", **settings))
+    assert len(ranks) == nproc * nodes
+    assert_ranks_match_a_single_process(ranks, single)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
+def test_compiled_ddp_switches_phases_without_recompiling_and_matches_eager_ddp(tmp_path, data):
+    settings = dict(LOCKSTEP, gradient_accumulation_steps=4, max_iters=8, lr_decay_iters=8)
+    compiled = run_ddp(tmp_path / "compiled", tiny_args(tmp_path, out_dir=tmp_path / "compiled" / "out",
+                                                        compile=True, **settings))
+    eager = gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "eager", **settings))
+    assert_ranks_match_a_single_process(compiled, eager, atol=1e-4)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
+def test_resume_under_ddp_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, data):
+    settings = dict(LOCKSTEP, dropout=0.1)  # dropout: each rank's own RNG stream must come back too
+    straight = run_ddp(tmp_path / "straight", tiny_args(tmp_path, out_dir=tmp_path / "straight" / "out", **settings))
+    halves = tmp_path / "halves"
+    run_ddp(halves, tiny_args(tmp_path, out_dir=halves / "out", max_iters=3, **settings))
+    resumed = run_ddp(halves, tiny_args(tmp_path, out_dir=halves / "out", init_from="resume", **settings))
+    for name, p in straight[0]["model"].items():
+        assert torch.equal(resumed[0]["model"][name], p) and torch.equal(resumed[1]["model"][name], p)
+    assert straight[0]["phases"][3:] == resumed[0]["phases"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
+def test_killing_one_rank_ends_the_job_and_its_last_checkpoint_resumes(tmp_path, data):
+    out_dir = tmp_path / "ddp" / "out"
+    settings = dict(max_iters=100000, lr_decay_iters=100000, eval_interval=2)
+    (launcher,) = start_ddp(tmp_path / "ddp", tiny_args(tmp_path, out_dir=out_dir, **settings))
+    deadline = time.time() + 300
+    while not (out_dir / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(int((tmp_path / "ddp" / "pid1").read_text()), 9)
+    launcher.communicate(timeout=120)  # the surviving rank is stopped by torchrun: no hang
+    assert launcher.returncode != 0
+    saved = load_ckpt(out_dir)["iter_num"]
+    assert saved >= 2
+    resumed = run_ddp(tmp_path / "ddp", tiny_args(tmp_path, out_dir=out_dir, init_from="resume",
+                                                  **dict(settings, max_iters=saved + 2)))
+    assert len(resumed[0]["phases"]) == 2 and load_ckpt(out_dir)["iter_num"] == saved + 2
 
 
 # -----------------------------------------------------------------------------
@@ -525,6 +606,81 @@ def test_config_files_set_values_and_command_line_overrides_win(tmp_path):
     config_file.write_text("n_layer = 6\nlearning_rate = 1e-3\nmode = 'iblm'\n")
     cfg = gapt.load_config([str(config_file), "--mode=baseline", "--compile=False"])
     assert (cfg["n_layer"], cfg["learning_rate"], cfg["mode"], cfg["compile"]) == (6, 1e-3, "baseline", False)
+
+
+def test_a_new_run_refuses_the_out_dir_of_a_finished_run(tmp_path, data):
+    gapt.train(tiny_config(tmp_path, max_iters=2))
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
+    done = run_gapt(*tiny_args(tmp_path, max_iters=2))
+    assert done.returncode != 0 and "holds a run" in done.stderr and "--init_from=resume" in done.stderr
+    assert before == {name: (tmp_path / "out" / name).read_bytes() for name in before}
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty", "not a readable checkpoint"), ("garbage", "not a readable checkpoint"),
+    ("truncated", "not a readable checkpoint"), ("foreign", "not a gapt.py checkpoint"),
+])
+def test_a_damaged_or_foreign_checkpoint_is_a_one_line_error(tmp_path, data, damage, message):
+    gapt.train(tiny_config(tmp_path, max_iters=2))
+    path = tmp_path / "out" / "ckpt.pt"
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(1000))
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:2000])
+    else:
+        torch.save(dict(weights=torch.zeros(3)), path)
+    done = run_gapt(*tiny_args(tmp_path, init_from="resume", max_iters=4))
+    assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_meta_json_with_a_missing_or_mistyped_key_is_a_one_line_error(tmp_path, data):
+    meta_path = os.path.join(data, "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    with open(meta_path, "w") as f:
+        json.dump(dict(meta, vocab_size="32"), f)
+    done = run_gapt(*tiny_args(tmp_path))
+    assert done.returncode != 0 and "mistypes vocab_size" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_resuming_onto_a_dataset_with_another_vocabulary_is_refused(tmp_path, data):
+    gapt.train(tiny_config(tmp_path, max_iters=2))
+    write_dataset(str(tmp_path / "data"), name="other", vocab_size=14)
+    done = run_gapt(*tiny_args(tmp_path, init_from="resume", dataset="other", max_iters=4))
+    assert done.returncode != 0 and "trained on another dataset" in done.stderr
+    assert load_ckpt(tmp_path / "out")["iter_num"] == 2
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    gapt.save_checkpoint(path, dict(step=1))
+
+    def full_disk(obj, f):
+        open(f, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gapt.torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        gapt.save_checkpoint(path, dict(step=2))
+    assert not os.path.exists(path + ".tmp")
+    assert torch.load(path, weights_only=True) == dict(step=1)
+
+
+def test_a_resumed_run_logs_each_step_once_even_after_a_crash_and_a_torn_line(tmp_path, data):
+    out = tmp_path / "out"
+    gapt.train(tiny_config(tmp_path, max_iters=3))
+    at_iter_3 = (out / "ckpt.pt").read_bytes()
+    gapt.train(tiny_config(tmp_path, init_from="resume"))  # logs steps 4-6 and saves at 6
+    (out / "ckpt.pt").write_bytes(at_iter_3)  # as if the run had died before its checkpoint at 6 ...
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"iter": 7, "ce": 1.')  # ... in the middle of writing a row
+    assert gapt.read_log(out / "log.jsonl")[-1]["iter"] == 6  # the torn line is left out
+    gapt.train(tiny_config(tmp_path, init_from="resume"))
+    assert [r["iter"] for r in step_rows(out)] == [1, 2, 3, 4, 5, 6]
+    assert [r["iter"] for r in read_log(out) if r.get("event") == "eval"] == [3, 6]
+    assert report.read_run(str(out))[1] == TINY.get("mode", gapt.DEFAULTS["mode"])
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from gapt import ConfigError, parse_config
+from gapt import ConfigError, parse_config, read_log
 
 DEFAULTS = dict(
     runs="",  # comma-separated out_dirs of the runs to draw (or one forgetting out_dir)
@@ -37,8 +37,7 @@ def read_run(out_dir):
     path = os.path.join(out_dir, "log.jsonl")
     if not os.path.exists(path):
         raise SystemExit(f"report: no {path}; --runs takes the out_dirs of runs, comma-separated")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_log(path)
     config = next(r["config"] for r in rows if r.get("event") == "start")
     return f"{config['mode']} seed {config['seed']}", config["mode"], rows
 
