@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import gapt
 import prepare_data
 import sample
-from experiments import bench, forgetting, report
+from experiments import bench, forgetting, gpu_check, report
 from gapt import GAPT, GPT, GPTConfig, mbe, patch_mbe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -802,6 +802,20 @@ def test_the_benchmark_times_every_variant_against_the_baseline(tmp_path):
     assert all(row["ms_per_step"] > 0 for row in summary["rows"]) and "tok_per_s" not in summary["rows"][2]
     saved = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert saved["rows"] == summary["rows"]
+
+
+def test_the_gpu_check_runs_the_benchmark_and_every_arithmetic_mode_in_its_smoke_version(tmp_path, capsys):
+    prepare_data.main(["arithmetic", "--n_train", "2000", "--n_val", "100", "--data_dir", str(tmp_path / "data")])
+    cfg = gapt.parse_config([f"--out_dir={tmp_path / 'check'}", f"--data_dir={tmp_path / 'data'}", "--device=cpu",
+                             "--smoke=True", "--bench_steps=1", "--bench_rounds=1", "--arith_iters=10"],
+                            gpu_check.DEFAULTS)
+    result = gpu_check.run_gpu_check(cfg)
+    saved = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
+    assert saved["bench"]["rows"] == result["bench"]["rows"] and list(saved["arithmetic"]) == list(gpu_check.MODES)
+    compressing = {mode: m["compressing"] for mode, m in result["arithmetic"].items()}
+    assert compressing["baseline"] == 0 and compressing["iblm"] == 1 and 0 < compressing["gapt"] < 1
+    assert all(math.isfinite(m["val_ood_answer_ce"]) for m in result["arithmetic"].values())
+    assert "| baseline tok/s |" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
