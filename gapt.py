@@ -714,7 +714,7 @@ def parse_config(argv, defaults):
 def print_help(defaults):
     """Every key with its default and the one-line comment it has where it is defined."""
     comments = {}
-    for path in {__file__, getattr(sys.modules["__main__"], "__file__", __file__)}:
+    for path in (getattr(sys.modules["__main__"], "__file__", __file__), __file__):  # the program's own first
         for line in open(path):
             key, _, rest = line.strip().partition("=")
             if key.isidentifier() and "  # " in rest:
