@@ -702,7 +702,12 @@ def parse_config(argv, defaults):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file {arg!r} not found (arguments are config files or --key=value)")
             namespace = {}
-            exec(open(arg).read(), {}, namespace)
+            try:
+                with open(arg, encoding="utf-8") as f:
+                    exec(f.read(), {}, namespace)
+            except Exception as e:  # a syntax error, a name error, not UTF-8: whatever the file does wrong
+                raise ConfigError(f"config file {arg!r} could not be read ({type(e).__name__}: {e}); "
+                                  f"it must be Python assignments such as: batch_size = 8") from None
             updates = {k: v for k, v in namespace.items() if not k.startswith("_")}
         for key, value in updates.items():
             if key not in cfg:

@@ -104,6 +104,9 @@ def open_local_dataset(patterns, sample_by):
         matches = sorted(glob.glob(pattern, recursive=True))  # sorted: glob order is not stable
         if not matches:
             fail(f"no files match {pattern!r}. Check the path or glob in --files")
+        folders = [m for m in matches if os.path.isdir(m)]
+        if folders:
+            fail(f"--files got the folder {folders[0]!r}; pass files or a glob, such as '{folders[0]}/*.txt'")
         files += matches
     extensions = {os.path.splitext(f)[1] for f in files}
     if len(extensions) > 1 or not extensions <= LOCAL_BUILDERS.keys():
@@ -114,10 +117,24 @@ def open_local_dataset(patterns, sample_by):
     return load_dataset(builder, data_files=files, split="train", streaming=True, **options)
 
 
+class InputError(Exception):
+    """The input cannot be read. An Exception, not SystemExit: the pool's feeder thread reads the input,
+    and only an Exception comes back through pool.imap to the main thread, where main() reports it."""
+
+
+def readable_rows(ds):
+    try:
+        yield from ds
+    except (UnicodeDecodeError, ValueError, OSError) as e:  # pyarrow's parse errors are ValueErrors
+        raise InputError(f"cannot read the input ({type(e).__name__}: {str(e)[:200]}). Text files must be "
+                         f"UTF-8 (convert with: iconv -f latin1 -t utf-8 in.txt > out.txt), and every .jsonl "
+                         f"line one JSON object") from None
+
+
 def document_texts(ds, column):
     """Check the first row before anything is written, then yield the text of every non-empty document
     (an empty one would only add a lone eot)."""
-    rows = iter(ds)
+    rows = readable_rows(ds)
     first = next(rows, None)
     if first is None:
         fail("the input has no rows. Check --files")
@@ -321,7 +338,10 @@ def main(argv=None):
         ds = open_hub_dataset(args.hf_id, args.config)
     else:
         ds = open_local_dataset(args.files, args.sample_by)
-    prepare_text(document_texts(ds, args.text_column), args, out_dir, command)
+    try:
+        prepare_text(document_texts(ds, args.text_column), args, out_dir, command)
+    except InputError as e:  # raised before or inside atomic_outputs: no partial files either way
+        fail(str(e))
 
 
 if __name__ == "__main__":  # the guard lets worker processes import this file where they are spawned

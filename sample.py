@@ -51,6 +51,8 @@ def load_sample_config(argv):
             raise gapt.ConfigError(f"{key} must be positive, got {cfg[key]}")
     if cfg.temperature < 0:
         raise gapt.ConfigError(f"temperature must be >= 0 (0 is greedy), got {cfg.temperature}")
+    if cfg.top_k < 0:
+        raise gapt.ConfigError(f"top_k must be >= 0 (0 = sample among all tokens), got {cfg.top_k}")
     return cfg
 
 
@@ -116,8 +118,12 @@ def read_prompt(start):
     path = start[len("FILE:"):]
     if not os.path.isfile(path):
         raise SystemExit(f"sample.py: prompt file {path} not found; fix --start=FILE:path or pass the text itself")
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise SystemExit(f"sample.py: prompt file {path} is not UTF-8 text; convert it, e.g. with "
+                         f"iconv -f latin1 -t utf-8") from None
 
 
 @torch.no_grad()
@@ -131,7 +137,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token
         if temperature == 0:
             next_token = logits.argmax(dim=-1, keepdim=True)
         else:
-            logits = logits / temperature
+            # the largest logit becomes 0 first, so that no temperature, however small, overflows it
+            logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits[logits < kth] = -float("inf")

@@ -266,6 +266,22 @@ def test_generate_stops_once_every_row_has_emitted_the_stop_token():
     assert out.shape == (2, 4) and out[:, -1].tolist() == [0, 0]
 
 
+def test_a_tiny_temperature_samples_the_greedy_token_instead_of_breaking():
+    model = tiny_model()
+    idx = torch.ones(2, 3, dtype=torch.long)
+    greedy = sample.generate(model, idx, max_new_tokens=5, temperature=0)
+    assert torch.equal(sample.generate(model, idx, max_new_tokens=5, temperature=1e-45), greedy)
+
+
+def test_sample_refuses_a_negative_top_k_and_a_prompt_file_that_is_not_utf8(tmp_path):
+    with pytest.raises(SystemExit, match="top_k must be >= 0"):
+        sample.load_sample_config(["--top_k=-5"])
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"caf\xe9")
+    with pytest.raises(SystemExit, match="not UTF-8"):
+        sample.read_prompt(f"FILE:{prompt}")
+
+
 def grads(model, loss):
     model.zero_grad()
     loss.backward()
@@ -683,6 +699,14 @@ def test_a_resumed_run_logs_each_step_once_even_after_a_crash_and_a_torn_line(tm
     assert report.read_run(str(out))[1] == TINY.get("mode", gapt.DEFAULTS["mode"])
 
 
+def test_a_config_file_that_does_not_run_is_a_one_line_error(tmp_path, data):
+    config = tmp_path / "broken.py"
+    config.write_text("batch_size = (8\n")
+    done = run_gapt(str(config), *tiny_args(tmp_path))
+    assert done.returncode != 0 and "could not be read (SyntaxError" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
 # -----------------------------------------------------------------------------
 # The conflicting-memories toy (experiments/forgetting.py)
 # -----------------------------------------------------------------------------
@@ -965,6 +989,32 @@ def assert_fails(tmp_path, message, *args):
         prepare(tmp_path, *args)
     assert str(e.value).startswith("prepare_data.py: ") and message in str(e.value)
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin1.txt", b"caf\xe9 au lait\n\nmore text\n", "must be UTF-8"),
+    ("broken.jsonl", b'{"text": "fine"}\n{"text": broken\n', "every .jsonl line one JSON object"),
+    ("folder", None, "got the folder"),
+])
+def test_unreadable_input_files_are_one_line_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+        (path / "a.txt").write_text("text")
+    else:
+        path.write_bytes(content)
+    assert_fails(tmp_path, message, "text", "--files", str(path), "--name", "x")
+
+
+def test_an_input_error_in_the_middle_of_the_stream_comes_back_and_leaves_no_files(tmp_path):
+    def texts():  # read by the pool's feeder thread, as a large file is
+        yield from ["some text"] * 600
+        raise prepare_data.InputError("cannot read the input")
+
+    args = prepare_data.build_parser().parse_args(["text", "--files", "x.txt", "--name", "d"])
+    with pytest.raises(prepare_data.InputError):
+        prepare_data.prepare_text(texts(), args, str(tmp_path / "d"), "python prepare_data.py text")
+    assert list(tmp_path.rglob("*.bin*")) == []
 
 
 def test_no_matching_files_is_an_error(tmp_path):
