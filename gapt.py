@@ -22,6 +22,7 @@ import ast
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -611,6 +612,8 @@ def train(cfg):
                     save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), dict(
                         model=model.state_dict(), optimizer=optimizer.state_dict(), config=dict(cfg),
                         iter_num=iter_num, best_val_loss=best_val_loss, gapt=gate.state_dict(), rng=rngs))
+                if improved and cfg.always_save_checkpoint:  # ckpt.pt is the latest; a run that then
+                    keep_best_checkpoint(cfg.out_dir)  # diverges still leaves its best model in best.pt
             t_log = time.time()  # evaluation time is not training time
     del train_model  # DDP holds the process group, which must go now (see shutdown_distributed)
     shutdown_distributed(dist_info)
@@ -973,6 +976,16 @@ def load_checkpoint(path, device):
     return checkpoint
 
 
+def keep_best_checkpoint(out_dir):
+    """best.pt: a copy of ckpt.pt at the evaluation with the lowest validation CE so far."""
+    try:
+        shutil.copyfile(os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt.tmp"))
+        os.replace(os.path.join(out_dir, "best.pt.tmp"), os.path.join(out_dir, "best.pt"))
+    except OSError as e:
+        raise SystemExit(f"gapt.py: could not copy the checkpoint to {os.path.join(out_dir, 'best.pt')} ({e}); "
+                         f"free disk space, then resume with --init_from=resume")
+
+
 def rng_states(data_gen, device):
     state = dict(torch=torch.get_rng_state(), data=data_gen.get_state())
     if device.type == "cuda":
@@ -1132,8 +1145,9 @@ def format_row(row):
 def stop_if_not_finite(value, what, iter_num, cfg):
     if not math.isfinite(value):
         raise SystemExit(f"gapt.py: {what} is {value} at iter {iter_num}; stopping without saving. The last "
-                         f"checkpoint of this run, if it saved one, is {os.path.join(cfg.out_dir, 'ckpt.pt')} "
-                         f"(resume with --init_from=resume, perhaps with a lower --learning_rate or --mbe_weight)")
+                         f"checkpoint of this run, if it saved one, is {os.path.join(cfg.out_dir, 'ckpt.pt')} and "
+                         f"the one with the best validation CE is best.pt beside it (resume from ckpt.pt with "
+                         f"--init_from=resume, perhaps with a lower --learning_rate or --mbe_weight)")
 
 
 if __name__ == "__main__":

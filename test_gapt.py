@@ -699,6 +699,24 @@ def test_a_resumed_run_logs_each_step_once_even_after_a_crash_and_a_torn_line(tm
     assert report.read_run(str(out))[1] == TINY.get("mode", gapt.DEFAULTS["mode"])
 
 
+def test_best_pt_keeps_the_checkpoint_with_the_lowest_validation_ce(tmp_path, data):
+    # a learning rate that rises to 1.0 by the end: validation CE wanders up and the last step is not the best
+    gapt.train(tiny_config(tmp_path, max_iters=9, lr_decay_iters=9, warmup_iters=9, eval_interval=1, learning_rate=1.0))
+    evals = [r for r in read_log(tmp_path / "out") if r.get("event") == "eval"]
+    best_row = min(evals, key=lambda r: r["val_ce"])
+    assert best_row["iter"] < 9
+    best = torch.load(tmp_path / "out" / "best.pt", weights_only=True)
+    assert best["iter_num"] == best_row["iter"] and best["best_val_loss"] == best_row["val_ce"]
+    assert load_ckpt(tmp_path / "out")["iter_num"] == 9
+
+
+@pytest.mark.parametrize("program, arg", [("forgetting", "--seeds=0"), ("forgetting", "--steps=0"),
+                                          ("bench", "--steps=0"), ("bench", "--rounds=0")])
+def test_the_experiments_refuse_zero_seeds_steps_or_rounds(program, arg):
+    with pytest.raises(SystemExit, match=f"{arg[2:].split('=')[0]} must be positive"):
+        dict(forgetting=forgetting, bench=bench)[program].load_config([arg])
+
+
 def test_a_config_file_that_does_not_run_is_a_one_line_error(tmp_path, data):
     config = tmp_path / "broken.py"
     config.write_text("batch_size = (8\n")
