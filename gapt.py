@@ -932,7 +932,7 @@ def restore_run(checkpoint, model, optimizer, gate, data_gen, dist_info):
     """Load a checkpoint's state into the fresh run; returns (iter_num, best_val_loss)."""
     if checkpoint is None:
         return 0, math.inf
-    model.load_state_dict(checkpoint["model"])
+    load_weights(model, checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     gate.load_state_dict(checkpoint["gapt"])
     restore_rng_states(checkpoint["rng"], dist_info.rank, data_gen, dist_info.device)
@@ -974,6 +974,15 @@ def load_checkpoint(path, device):
         raise SystemExit(f"gapt.py: {path} is not a gapt.py checkpoint (no {', '.join(missing)}); "
                          f"start again with --init_from=scratch or point --out_dir at a gapt.py run")
     return checkpoint
+
+
+def load_weights(model, state):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # missing or unexpected keys, other shapes: not the model its config describes
+        raise SystemExit(f"gapt.py: the checkpoint's weights do not fit the model its config describes "
+                         f"({str(e).splitlines()[1].strip()[:160]} ...); the file was edited or mixed up with "
+                         f"another run's: start again with --init_from=scratch") from None
 
 
 def keep_best_checkpoint(out_dir):

@@ -67,7 +67,7 @@ def load_model(out_dir, device):
                          f"or point --out_dir at a finished run")
     checkpoint = gapt.load_checkpoint(path, device)
     model = gapt.GPT(gapt.GPTConfig(**{k: checkpoint["config"][k] for k in gapt.MODEL_KEYS}))
-    model.load_state_dict(checkpoint["model"])
+    gapt.load_weights(model, checkpoint["model"])
     return model.to(device).eval(), checkpoint
 
 

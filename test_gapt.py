@@ -651,6 +651,24 @@ def test_a_damaged_or_foreign_checkpoint_is_a_one_line_error(tmp_path, data, dam
     assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_checkpoint_whose_weights_disagree_with_its_config_is_a_one_line_error(tmp_path, data):
+    gapt.train(tiny_config(tmp_path, max_iters=2))
+    checkpoint = load_ckpt(tmp_path / "out")
+    checkpoint["config"]["n_layer"] = 4  # a block the weights do not have
+    torch.save(checkpoint, tmp_path / "out" / "ckpt.pt")
+    for done in (run_gapt(*tiny_args(tmp_path, init_from="resume", max_iters=4)),
+                 subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), f"--out_dir={tmp_path / 'out'}"],
+                                capture_output=True, text=True, timeout=120)):
+        assert done.returncode != 0 and "weights do not fit" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_anything_runs(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(gapt.os, "access", lambda path, mode: False)  # as a read-only folder answers
+    with pytest.raises(SystemExit, match="is not writable; choose another --out_dir"):
+        gapt.train(tiny_config(tmp_path))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_meta_json_with_a_missing_or_mistyped_key_is_a_one_line_error(tmp_path, data):
     meta_path = os.path.join(data, "meta.json")
     with open(meta_path) as f:
