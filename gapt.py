@@ -35,6 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from prepare_data import answer_sets, check_split, read_meta  # the data format is checked where it is defined
+
 # -----------------------------------------------------------------------------
 # Config
 # Every hyperparameter is a plain value here. Override with a config file and/or --key=value:
@@ -75,6 +77,7 @@ DEFAULTS = dict(
     patience_mem=125,  # steps without CE progress before compression starts
     patience_comp=125,  # steps without MBE progress before compression stops
     tau=0.1,  # compression stops when CE exceeds (1 + tau) * best CE of the phase
+    comp_end="plateau",  # compression ends on an MBE plateau ('plateau'), or after patience_comp steps ('patience')
     # gradient alignment (the memorization-compression cycle)
     align_interval=50,  # measure cos(grad CE, grad MBE_reg) every this many steps; 0 = off
     # AdamW optimizer and learning-rate schedule
@@ -220,33 +223,33 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def trunk(self, idx, measure_mbe):
-        """Final hidden states (B, T, C) and, if asked, the patch MBE of every block's output
-        (the residual stream after the block: the representation the paper compresses)."""
+    def trunk(self, idx, measure=None):
+        """Final hidden states (B, T, C) and measure(h) of every block's output h, the residual stream
+        after the block: the representation the paper compresses."""
         pos = torch.arange(idx.size(1), device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
-        block_mbes = []
+        measures = []
         for block in self.blocks:
             x = block(x)
-            if measure_mbe:
-                block_mbes.append(patch_mbe(x, self.config.patch_size))
-        return self.ln_f(x), block_mbes
+            if measure is not None:
+                measures.append(measure(x))
+        return self.ln_f(x), measures
 
-    def forward(self, idx, targets=None):
-        """(logits, ce, mbe_blocks): with targets, the mean next-token CE and a (n_layer,) tensor of
-        block MBEs; without (generation), the last position's logits only and ce = mbe_blocks = None."""
-        x, block_mbes = self.trunk(idx, measure_mbe=targets is not None)
+    def forward(self, idx, targets=None, measure=None):
+        """(logits, ce, mbe_blocks): with targets, the mean next-token CE and each block's patch MBE, an
+        (n_layer,) tensor (or what `measure` gives); without (generation), the last position's logits only."""
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None, None
+            return self.lm_head(self.trunk(idx)[0][:, [-1], :]), None, None
+        x, measures = self.trunk(idx, measure or (lambda h: patch_mbe(h, self.config.patch_size)))
         logits = self.lm_head(x)
         # log-softmax in float32: summed over the vocabulary in bf16 (3 significant digits), CE would be
         # off by more than the 0.01 changes the GAPT gate watches
         ce = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
-        return logits, ce, torch.stack(block_mbes)
+        return logits, ce, torch.stack(measures)
 
     def all_logits(self, idx):
         """Logits at every position, without loss or MBE (for scoring answers)."""
-        return self.lm_head(self.trunk(idx, measure_mbe=False)[0])
+        return self.lm_head(self.trunk(idx)[0])
 
 
 # -----------------------------------------------------------------------------
@@ -299,14 +302,19 @@ def mbe_weight_for(mode, mbe_weight, gate):
 #             if s_c >= patience_comp:                # MBE has plateaued: memorize again
 #                 phase, s_m = 1, 0
 #     return phase
+#
+# comp_end='patience' is the rule as the author's code ran it: MBE progress is never tested, so
+# every compression phase lasts patience_comp steps unless the tau rule ends it sooner (and the
+# run's first step counts as no CE progress).
 # -----------------------------------------------------------------------------
 class GAPT:
     """The rule above, to the letter. Its state lives in 0-d tensors on `device` and step() returns
     the next phase as a tensor, so that calling it every optimizer step on GPU losses never makes
     the CPU wait for the GPU; read `phase` (an int) only when you need it on the host."""
 
-    def __init__(self, delta_ce=0.01, delta_mbe=0.002, patience_mem=125, patience_comp=125, tau=0.1, device="cpu"):
-        self.delta_ce, self.delta_mbe, self.tau = delta_ce, delta_mbe, tau
+    def __init__(self, delta_ce=0.01, delta_mbe=0.002, patience_mem=125, patience_comp=125, tau=0.1,
+                 comp_end="plateau", device="cpu"):
+        self.delta_ce, self.delta_mbe, self.tau, self.comp_end = delta_ce, delta_mbe, tau, comp_end
         self.patience_mem, self.patience_comp = patience_mem, patience_comp
         self.device = device
         self.load_state_dict(dict(phase=1, s_m=0, s_c=0, ce_min=math.inf, mbe_min=math.inf))
@@ -322,14 +330,17 @@ class GAPT:
         # float64 so that the comparisons with delta are those of the rule in Python floats
         ce, mbe = (torch.as_tensor(v, dtype=torch.float64, device=self.device).detach() for v in (ce, mbe))
         ce_min = torch.minimum(s["ce_min"], ce)  # both branches first track the best CE
+        ce_progress, mbe_progress = ce < s["ce_min"] - self.delta_ce, mbe < s["mbe_min"] - self.delta_mbe
+        if self.comp_end == "patience":  # a Python setting, not a tensor: no sync
+            ce_progress, mbe_progress = ce_progress & s["ce_min"].isfinite(), torch.zeros_like(mbe_progress)
 
-        s_m = where(ce < s["ce_min"] - self.delta_ce, 0, s["s_m"] + 1)
+        s_m = where(ce_progress, 0, s["s_m"] + 1)
         plateau = s_m >= self.patience_mem
         memorize = dict(phase=where(plateau, 2, 1), s_m=s_m, s_c=where(plateau, 0, s["s_c"]),
                         ce_min=where(plateau, math.inf, ce_min), mbe_min=where(plateau, math.inf, s["mbe_min"]))
 
         spike = ce > (1 + self.tau) * ce_min
-        s_c = where(mbe < s["mbe_min"] - self.delta_mbe, 0, s["s_c"] + 1)
+        s_c = where(mbe_progress, 0, s["s_c"] + 1)
         done = spike | (s_c >= self.patience_comp)
         compress = dict(phase=where(done, 1, 2), s_m=where(done, 0, s["s_m"]), s_c=where(spike, s["s_c"], s_c),
                         ce_min=ce_min, mbe_min=where(spike, s["mbe_min"], torch.minimum(s["mbe_min"], mbe)))
@@ -406,9 +417,25 @@ def load_windows(path, starts, block_size, device):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: validation CE and per-block MBE, averaged over ranks; on arithmetic, the answer CE,
-# the paper's out-of-distribution metric (sample.py uses the same functions).
+# Evaluation: validation CE and per-block MBE, averaged over ranks; on arithmetic, the answer CE
+# (the paper's out-of-distribution metric) of each example alone and in context (sample.py uses them too).
 # -----------------------------------------------------------------------------
+def patch_spectrum(h, patch_size):
+    """What a low MBE is made of, per block, as means over patches: [MBE; MBE of the patch with its
+    mean token removed; the largest eigenvalue's share of the trace; the alpha-1 (von Neumann) MBE].
+    Alpha-2 MBE is dominated by the largest eigenvalue, so it falls both when the tokens use fewer
+    directions and when they all share one direction grown large: the other three tell which."""
+    B, T, C = h.shape
+    patches = h.float().view(B, T // patch_size, patch_size, C)  # (B, n_patches, P, C)
+    K = patches @ patches.transpose(-1, -2)
+    top_share = torch.linalg.eigvalsh(K)[..., -1] / (K.diagonal(dim1=-2, dim2=-1).sum(-1) + MBE_EPS)
+    centred = patches - patches.mean(-2, keepdim=True)
+    return torch.stack([mbe(patches).mean(), mbe(centred).mean(), top_share.mean(), mbe(patches, alpha=1).mean()])
+
+
+SPECTRUM_KEYS = ("mbe", "mbe_centred", "top_share", "mbe_alpha1")  # logged per block: val_<key>_blocks
+
+
 @torch.no_grad()
 def evaluate(model, cfg, paths, answer_sets, autocast_ctx, dist_info):
     """The same windows at every evaluation (a fixed generator per rank), so that evaluations
@@ -418,34 +445,30 @@ def evaluate(model, cfg, paths, answer_sets, autocast_ctx, dist_info):
     for split in ("train", "val"):
         gen = torch.Generator().manual_seed(cfg.seed + 1 + dist_info.rank)
         n_tokens = os.path.getsize(paths[split]) // 2
-        sums = torch.zeros(1 + cfg.n_layer, device=dist_info.device)  # [ce, mbe of each block]
+        sums = torch.zeros(1 + cfg.n_layer * len(SPECTRUM_KEYS), device=dist_info.device)  # [ce, spectra]
         for _ in range(cfg.eval_iters):
             starts = torch.randint(n_tokens - cfg.block_size, (cfg.batch_size,), generator=gen).numpy()
             x, y = load_windows(paths[split], starts, cfg.block_size, dist_info.device)
             with autocast_ctx:
-                _, ce, mbe_blocks = model(x, y)
-            sums += torch.cat([ce.view(1), mbe_blocks])
+                _, ce, spectra = model(x, y, measure=lambda h: patch_spectrum(h, cfg.patch_size))  # (n_layer, 4)
+            sums += torch.cat([ce.view(1), spectra.flatten()])
         means = all_reduce_mean(sums / cfg.eval_iters, dist_info)
         results[f"{split}_ce"] = means[0].item()
         if split == "val":
-            results["val_mbe"] = regularized_mbe(means[1:], cfg.mbe_skip_first, cfg.mbe_skip_last).item()
-            results["val_mbe_blocks"] = [round(v, 5) for v in means[1:].tolist()]
+            spectra = means[1:].view(cfg.n_layer, len(SPECTRUM_KEYS))
+            results["val_mbe"] = regularized_mbe(spectra[:, 0], cfg.mbe_skip_first, cfg.mbe_skip_last).item()
+            results["val_mbe_all"] = spectra[:, 0].mean().item()  # the paper's comparison averages all blocks
+            for key, column in zip(SPECTRUM_KEYS, spectra.T.tolist()):
+                results[f"val_{key}_blocks"] = [round(v, 5) for v in column]
     for split, (examples, sep_token) in answer_sets.items():
         # every rank scores the same fixed examples, so there is nothing to average
         with autocast_ctx:
             results[f"{split}_answer_ce"] = answer_ce(model, examples, sep_token, dist_info.device)
+            in_context = answer_ce_in_context(model, examples, sep_token, dist_info.device, cfg.block_size)
+        if math.isfinite(in_context):  # NaN: the window is too short to hold two of the longest examples
+            results[f"{split}_answer_ce_in_context"] = in_context
     model.train()
     return results
-
-
-def split_examples(tokens, eot_token):
-    """uint16 tokens -> list of examples, each a list of ids that starts and ends with eot_token.
-    The leading eot is the previous example's end, as in every training window: without it the model
-    reads `12*34=` at position 0 as it reads the start of a training window, where the first operand
-    is most often cut (`...12*34=`), and scores far below what it has learned (README, arithmetic)."""
-    ends = np.flatnonzero(np.asarray(tokens) == eot_token)
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    return [[eot_token] + tokens[s:e + 1].astype(np.int64).tolist() for s, e in zip(starts, ends)]
 
 
 @torch.no_grad()
@@ -468,6 +491,37 @@ def answer_ce(model, examples, sep_token, device, batch_size=256):
         total += nll[mask[:, :-1]].sum().item()
         count += int(mask.sum())
     return total / count
+
+
+@torch.no_grad()
+def answer_ce_in_context(model, examples, sep_token, device, window, batch_size=64):
+    """The answer CE with the examples read as one stream, in order, as in training: windows of
+    `window` tokens every window // 2 tokens, each example scored in the one window where it ends in
+    the second half and lies whole, so every scored answer sees at least half a window of earlier
+    examples and their answers. The examples that end in the stream's first half-window are context only.
+    NaN when the longest example is longer than half a window, or the examples fill less than one window."""
+    half, eot = window // 2, examples[0][0]
+    stream = torch.tensor([eot] + [t for ex in examples for t in ex[1:]])  # eot a*b=c eot a*b=c eot ...
+    if max(len(ex) - 1 for ex in examples) > half or len(stream) <= window:
+        return math.nan
+    ids = torch.arange(len(stream))
+    last = lambda mask: torch.cummax(torch.where(mask, ids, -1), 0).values  # latest index at or before each token
+    # answer digits: after the '=' of their own example (the last '=' comes after the last eot)
+    is_answer = (stream != eot) & (stream != sep_token) & (last(stream == sep_token) > last(stream == eot))
+    eots = ids[stream == eot]
+    example_end = eots[torch.searchsorted(eots, ids)]  # the eot that ends each token's example
+    starts = torch.arange(0, len(stream) - window, half)[:, None]  # (n_windows, 1)
+    targets = starts + 1 + torch.arange(window)  # (n_windows, window): the positions each window predicts
+    end = example_end[targets]
+    # an example no longer than half a window that ends in the second half lies whole in the window
+    scored = is_answer[targets] & (end > starts + half) & (end <= starts + 2 * half)
+    total, count = 0.0, 0
+    for rows in torch.arange(len(starts)).split(batch_size):
+        logits = model.all_logits(stream[targets[rows] - 1].to(device)).float()  # (B, window, vocab)
+        nll = F.cross_entropy(logits.transpose(1, 2), stream[targets[rows]].to(device), reduction="none")
+        total += nll[scored[rows].to(device)].sum().item()
+        count += int(scored[rows].sum())
+    return total / count if count else math.nan
 
 
 # -----------------------------------------------------------------------------
@@ -625,14 +679,13 @@ def train(cfg):
 # =============================================================================
 
 # -----------------------------------------------------------------------------
-# Config parsing and checks
+# Config parsing and checks: every bad value stops the run before anything is written
 # -----------------------------------------------------------------------------
 def rule(check, requirement, keys):
     return {key: (check, requirement) for key in keys}
 
 
-# What each key must be, checked before anything is written (types are checked against DEFAULTS)
-RULES = {
+RULES = {  # what each key must be (types are checked against DEFAULTS)
     **rule(lambda v: v > 0, "positive", ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer",
                                           "n_head", "n_embd", "patch_size", "max_iters", "eval_iters", "log_interval",
                                           "eval_interval", "answer_eval_examples", "learning_rate", "vocab_size")),
@@ -643,55 +696,64 @@ RULES = {
     **rule(lambda v: v != "", "a non-empty path or name", ("out_dir", "data_dir", "dataset")),
     **rule(lambda v: v in ("baseline", "iblm", "gapt"), "one of baseline, iblm, gapt", ("mode",)),
     **rule(lambda v: v in ("scratch", "resume"), "one of scratch, resume", ("init_from",)),
+    **rule(lambda v: v in ("plateau", "patience"), "one of plateau, patience", ("comp_end",)),
     **rule(lambda v: v in ("auto", "bfloat16", "float32"), "one of auto, bfloat16, float32", ("dtype",)),
 }
 
 
 class ConfigError(SystemExit):
-    """Bad configuration: exits non-zero with a message naming the key, before anything is written."""
+    """Bad configuration: a non-zero exit with one line that names the key and the fix."""
 
     def __init__(self, message):
-        super().__init__(f"{os.path.basename(sys.argv[0])}: {message}")  # gapt.py or sample.py
+        super().__init__(f"{os.path.basename(sys.argv[0])}: {message}")  # gapt.py, sample.py, experiments
 
 
 class Config(dict):
     """The run's settings: a dict whose keys also read as attributes (cfg.batch_size)."""
 
     def __getattr__(self, key):
-        try:
+        if key in self:
             return self[key]
-        except KeyError:
-            raise AttributeError(key) from None
+        raise AttributeError(key)
 
-    def __setattr__(self, key, value):
-        self[key] = value
+    __setattr__ = dict.__setitem__
 
 
-def coerce(key, value, default):
-    """Check a new value against the type of its default; ints are accepted where floats are."""
-    expected = type(default)
-    if expected is float and type(value) is int:
-        return float(value)
-    if type(value) is not expected:
-        raise ConfigError(f"{key} must be {expected.__name__} (like the default {default!r}), got {value!r}")
+def parse_value(key, text, default):
+    """A command-line value is a Python literal (3, 1e-4, True) of its default's type; strings need no quotes."""
+    if isinstance(default, str):
+        return text
+    try:
+        return ast.literal_eval(text.capitalize() if isinstance(default, bool) else text)
+    except (ValueError, SyntaxError):
+        return text  # check_type reports the mismatch with the key's name
+
+
+def check_type(key, value, default):
+    if type(default) is float and type(value) is int:
+        return float(value)  # 1 where 1.0 is expected
+    if type(value) is not type(default):
+        raise ConfigError(f"{key} must be {type(default).__name__} (like the default {default!r}), got {value!r}")
     return value
 
 
-def parse_value(text, default):
-    """A command-line value is a Python literal (3, 1e-4, True); strings need no quotes."""
-    if isinstance(default, str):
-        return text
-    if isinstance(default, bool) and text.lower() in ("true", "false"):
-        return text.lower() == "true"
+def read_config_file(path):
+    """A config file is Python assignments (batch_size = 8); names starting with _ are its own."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found (arguments are config files or --key=value)")
+    namespace = {}
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # coerce() reports the type mismatch with the key's name
+        with open(path, encoding="utf-8") as f:
+            exec(f.read(), {}, namespace)
+    except Exception as e:  # a syntax error, a name error, not UTF-8: whatever the file does wrong
+        raise ConfigError(f"config file {path!r} could not be read ({type(e).__name__}: {e}); "
+                          f"it must be Python assignments such as: batch_size = 8") from None
+    return {k: v for k, v in namespace.items() if not k.startswith("_")}
 
 
 def parse_config(argv, defaults):
-    """Defaults, then config files (python files of assignments) in order, then --key=value.
-    Unknown keys and wrong types are errors. sample.py and experiments/ parse their options with it too."""
+    """Defaults, then config files in order, then --key=value; unknown keys and wrong types are errors.
+    sample.py and experiments/ parse their own defaults with it too."""
     if "--help" in argv or "-h" in argv:
         print_help(defaults)
     cfg = Config(defaults)
@@ -700,27 +762,18 @@ def parse_config(argv, defaults):
             key, has_value, text = arg[2:].partition("=")
             if not has_value:
                 raise ConfigError(f"write overrides as --key=value, got {arg!r}")
-            updates = {key: parse_value(text, cfg.get(key, ""))}
+            updates = {key: parse_value(key, text, defaults.get(key, ""))}
         else:
-            if not os.path.isfile(arg):
-                raise ConfigError(f"config file {arg!r} not found (arguments are config files or --key=value)")
-            namespace = {}
-            try:
-                with open(arg, encoding="utf-8") as f:
-                    exec(f.read(), {}, namespace)
-            except Exception as e:  # a syntax error, a name error, not UTF-8: whatever the file does wrong
-                raise ConfigError(f"config file {arg!r} could not be read ({type(e).__name__}: {e}); "
-                                  f"it must be Python assignments such as: batch_size = 8") from None
-            updates = {k: v for k, v in namespace.items() if not k.startswith("_")}
+            updates = read_config_file(arg)
         for key, value in updates.items():
-            if key not in cfg:
+            if key not in defaults:
                 raise ConfigError(f"unknown config key {key!r} (the keys are the defaults at the top of the script)")
-            cfg[key] = coerce(key, value, defaults[key])
+            cfg[key] = check_type(key, value, defaults[key])
     return cfg
 
 
 def print_help(defaults):
-    """Every key with its default and the one-line comment it has where it is defined."""
+    """Every key with its default and the comment beside it where it is defined."""
     comments = {}
     for path in (getattr(sys.modules["__main__"], "__file__", __file__), __file__):  # the program's own first
         for line in open(path):
@@ -755,30 +808,24 @@ def validate_config(cfg):
 
 
 # -----------------------------------------------------------------------------
-# Processes and devices: one process, or one per GPU (or CPU worker) under torchrun.
+# Processes and devices: one process, or one per GPU (or CPU worker) under torchrun
 # -----------------------------------------------------------------------------
 @dataclass
 class Dist:
-    rank: int  # global rank of this process
+    rank: int  # global rank of this process; rank 0 (master) logs and writes checkpoints
     local_rank: int  # rank on this node: which GPU to use
     world_size: int  # number of processes
     device: torch.device
-
-    @property
-    def master(self):  # rank 0 logs and writes checkpoints
-        return self.rank == 0
-
-    @property
-    def ddp(self):
-        return self.world_size > 1
+    master = property(lambda self: self.rank == 0)
+    ddp = property(lambda self: self.world_size > 1)
 
 
-def check_device(name):
-    """A device this build of torch has, before anything is written (resolve_device uses it)."""
+def check_device(name, local_rank=0):
+    """A device this build of torch has; 'auto' and 'cuda' mean this process's GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(name)
+        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
     except RuntimeError:
         raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -788,17 +835,12 @@ def check_device(name):
     return device
 
 
-def resolve_device(name, local_rank=0):
-    device = check_device(name)
-    return torch.device(f"cuda:{local_rank}") if name in ("auto", "cuda") and device.type == "cuda" else device
-
-
 def setup_distributed(cfg):
     """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process."""
     if "RANK" not in os.environ:
-        return Dist(0, 0, 1, resolve_device(cfg.device))
+        return Dist(0, 0, 1, check_device(cfg.device))
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    device = resolve_device(cfg.device, local_rank)
+    device = check_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # torch._dynamo (imported by torch.compile and by DDP) keeps references to a process group that
@@ -809,12 +851,10 @@ def setup_distributed(cfg):
 
 
 def shutdown_distributed(dist_info):
-    """Destroy the process group while Python is fully alive. Its last reference going away joins the
-    gloo worker threads, with the GIL released, so a worker still freeing a finished collective's
-    tensor (which takes the GIL) completes now. Left to interpreter exit, that worker would take the
-    GIL during finalization, where Python ends the thread and C++ aborts the process (SIGABRT,
-    "terminate called without an active exception") after a run that succeeded. The caller drops
-    its DDP wrapper first: DDP holds a reference to the group."""
+    """Destroy the process group while Python is fully alive: its last reference going away joins the
+    gloo worker threads with the GIL released. A worker still freeing a finished collective's tensor
+    at interpreter exit would take the GIL during finalization, and C++ would abort the process
+    (SIGABRT) after a run that succeeded. The caller drops its DDP wrapper first: DDP holds the group."""
     if dist_info.ddp:
         dist.destroy_process_group()
 
@@ -835,25 +875,20 @@ def all_reduce_mean(tensor, dist_info):
 
 
 def gather_from_ranks(obj, dist_info):
-    if not dist_info.ddp:
-        return [obj]
-    gathered = [None] * dist_info.world_size
-    dist.all_gather_object(gathered, obj)
+    gathered = [obj] * dist_info.world_size
+    if dist_info.ddp:
+        dist.all_gather_object(gathered, obj)
     return gathered
 
 
 def autocast_context(cfg, device):
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "float32":
-        return nullcontext()
-    # bf16 has float32's range, so unlike fp16 it needs no loss scaling
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 autocast on GPUs that have it (bf16 has float32's range: no loss scaling, unlike fp16)."""
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 # -----------------------------------------------------------------------------
-# Model, optimizer and the run's state
+# The run's objects: model, optimizer, gate, data stream; FLOPs for the MFU in the log
 # -----------------------------------------------------------------------------
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "patch_size")
 
@@ -873,9 +908,7 @@ def wrap_for_training(model, cfg, dist_info):
 def model_vocab_size(cfg, meta):
     """The dataset's vocabulary when it says so; a large one is rounded up to a multiple of 64
     (50257 -> 50304) for faster matmuls: the extra logits are never targets and learn to vanish."""
-    if meta is None:
-        return cfg.vocab_size
-    vocab = meta["vocab_size"]
+    vocab = cfg.vocab_size if meta is None else meta["vocab_size"]
     return vocab if vocab <= 64 else 64 * math.ceil(vocab / 64)
 
 
@@ -884,27 +917,7 @@ def make_optimizer(model, cfg, device):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda")
-
-
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-              "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12}
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
-
-
-def flops_per_token(model):
-    """6 FLOPs per parameter per token (forward + backward) plus attention (PaLM appendix B).
-    MBE adds P / (12 n_embd) of a block's FLOPs, under 0.1% at 124M, so it is left out."""
-    c = model.config
-    n_params = model.num_params() - model.wpe.weight.numel()
-    return 6 * n_params + 12 * c.n_layer * c.n_embd * c.block_size
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
 def build_run(cfg, dist_info, meta):
@@ -919,28 +932,32 @@ def build_run(cfg, dist_info, meta):
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)  # the same initialization on every rank
     model = make_model(cfg).to(device)
-    optimizer = make_optimizer(model, cfg, device)
     # the gate lives where the losses are, except on MPS, which has no float64
-    gate_device = device if device.type == "cuda" else torch.device("cpu")
-    gate = GAPT(cfg.delta_ce, cfg.delta_mbe, cfg.patience_mem, cfg.patience_comp, cfg.tau, device=gate_device)
+    gate = GAPT(cfg.delta_ce, cfg.delta_mbe, cfg.patience_mem, cfg.patience_comp, cfg.tau, cfg.comp_end,
+                device=device if device.type == "cuda" else torch.device("cpu"))
     data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: see draw_step_windows
     torch.manual_seed(cfg.seed + dist_info.rank)  # dropout: a different stream on each rank
-    return model, optimizer, gate, data_gen
+    return model, make_optimizer(model, cfg, device), gate, data_gen
 
 
-def restore_run(checkpoint, model, optimizer, gate, data_gen, dist_info):
-    """Load a checkpoint's state into the fresh run; returns (iter_num, best_val_loss)."""
-    if checkpoint is None:
-        return 0, math.inf
-    load_weights(model, checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    gate.load_state_dict(checkpoint["gapt"])
-    restore_rng_states(checkpoint["rng"], dist_info.rank, data_gen, dist_info.device)
-    return checkpoint["iter_num"], checkpoint["best_val_loss"]
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+              "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12}  # dense bf16 FLOP/s
+
+
+def peak_flops(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def flops_per_token(model):
+    """6 FLOPs per parameter per token (forward + backward) plus attention (PaLM appendix B).
+    MBE adds P / (12 n_embd) of a block's FLOPs, under 0.1% at 124M, so it is left out."""
+    c = model.config
+    return 6 * (model.num_params() - model.wpe.weight.numel()) + 12 * c.n_layer * c.n_embd * c.block_size
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: atomic, weights_only-loadable, and enough state to resume exactly.
+# Checkpoints: atomic, weights_only-loadable, and enough state to resume exactly
 # -----------------------------------------------------------------------------
 CHECKPOINT_KEYS = ("model", "optimizer", "config", "iter_num", "best_val_loss", "gapt", "rng")
 
@@ -956,6 +973,16 @@ def save_checkpoint(path, checkpoint):
             os.remove(tmp)  # a partial file would only keep the disk full
         raise SystemExit(f"gapt.py: could not write the checkpoint {path} ({e}); the previous one, if any, is "
                          f"intact. Free disk space or choose another --out_dir, then resume with --init_from=resume")
+
+
+def keep_best_checkpoint(out_dir):
+    """best.pt: a copy of ckpt.pt at the evaluation with the lowest validation CE so far."""
+    try:
+        shutil.copyfile(os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt.tmp"))
+        os.replace(os.path.join(out_dir, "best.pt.tmp"), os.path.join(out_dir, "best.pt"))
+    except OSError as e:
+        raise SystemExit(f"gapt.py: could not copy the checkpoint to {os.path.join(out_dir, 'best.pt')} ({e}); "
+                         f"free disk space, then resume with --init_from=resume")
 
 
 def load_checkpoint(path, device):
@@ -985,16 +1012,6 @@ def load_weights(model, state):
                          f"another run's: start again with --init_from=scratch") from None
 
 
-def keep_best_checkpoint(out_dir):
-    """best.pt: a copy of ckpt.pt at the evaluation with the lowest validation CE so far."""
-    try:
-        shutil.copyfile(os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt.tmp"))
-        os.replace(os.path.join(out_dir, "best.pt.tmp"), os.path.join(out_dir, "best.pt"))
-    except OSError as e:
-        raise SystemExit(f"gapt.py: could not copy the checkpoint to {os.path.join(out_dir, 'best.pt')} ({e}); "
-                         f"free disk space, then resume with --init_from=resume")
-
-
 def rng_states(data_gen, device):
     state = dict(torch=torch.get_rng_state(), data=data_gen.get_state())
     if device.type == "cuda":
@@ -1002,90 +1019,41 @@ def rng_states(data_gen, device):
     return state
 
 
-def restore_rng_states(states, rank, data_gen, device):
-    """Every rank gets back its own dropout stream; the data stream is the same on all ranks."""
-    if len(states) <= rank:
+def restore_run(checkpoint, model, optimizer, gate, data_gen, dist_info):
+    """Load a checkpoint's state into the fresh run, each rank its own RNG streams; returns
+    (iter_num, best_val_loss)."""
+    if checkpoint is None:
+        return 0, math.inf
+    load_weights(model, checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    gate.load_state_dict(checkpoint["gapt"])
+    states, rank, device = checkpoint["rng"], dist_info.rank, dist_info.device
+    if rank < len(states):
+        data_gen.set_state(states[rank]["data"].cpu())
+        torch.set_rng_state(states[rank]["torch"].cpu())
+        if device.type == "cuda" and "cuda" in states[rank]:
+            torch.cuda.set_rng_state(states[rank]["cuda"].cpu(), device)
+    else:
         print(f"gapt.py: checkpoint has RNG states for {len(states)} processes, not {rank + 1}: "
               f"rank {rank} keeps its fresh seed, so the run is no longer bit-exact")
-        return
-    data_gen.set_state(states[rank]["data"].cpu())
-    torch.set_rng_state(states[rank]["torch"].cpu())
-    if device.type == "cuda" and "cuda" in states[rank]:
-        torch.cuda.set_rng_state(states[rank]["cuda"].cpu(), device)
+    return checkpoint["iter_num"], checkpoint["best_val_loss"]
 
 
 # -----------------------------------------------------------------------------
-# Data checks: a bad dataset stops the run before anything is written, with the command that fixes it.
+# Data and out_dir checks, before anything is written (the format's own checks are in prepare_data.py)
 # -----------------------------------------------------------------------------
-def prepare_command(dataset):
-    if dataset in ("fineweb", "arithmetic"):
-        return f"python prepare_data.py {dataset}"
-    return f"python prepare_data.py text --files 'path/to/*.txt' --name {dataset}"
-
-
-def load_meta(data_dir, dataset):
-    """The dataset's meta.json (tokenizer, vocab_size, eot_token, tokens per split), or None."""
-    path = os.path.join(data_dir, dataset, "meta.json")
-    if not os.path.exists(path):
-        return None
-    fix = f"re-create it with: {prepare_command(dataset)}"
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"gapt.py: {path} is not valid JSON ({e}); {fix}")
-    expected = dict(vocab_size=int, eot_token=int, tokenizer=(str, list))
-    wrong = [k for k, kind in expected.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
-    if wrong:
-        raise SystemExit(f"gapt.py: {path} lacks or mistypes {', '.join(wrong)}; {fix}")
-    return meta
-
-
-def check_split(data_dir, dataset, split, block_size, meta):
-    """Stop early, with the command that fixes it, rather than train on a missing or truncated file."""
-    path = os.path.join(data_dir, dataset, f"{split}.bin")
-    fix = f"prepare it with: {prepare_command(dataset)}"
-    if not os.path.exists(path):
-        raise SystemExit(f"gapt.py: dataset '{dataset}' has no {path}; {fix}")
-    size = os.path.getsize(path)
-    if size % 2:
-        raise SystemExit(f"gapt.py: {path} has an odd number of bytes, so it is not uint16 tokens; {fix}")
-    n_tokens = size // 2
-    expected = (meta or {}).get("tokens", {}).get(split)
-    if expected is not None and expected != n_tokens:
-        raise SystemExit(f"gapt.py: {path} holds {n_tokens} tokens but meta.json says {expected} (interrupted write?); {fix}")
-    if n_tokens <= block_size:
-        raise SystemExit(f"gapt.py: {path} has {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
-                         f"lower block_size or {fix}")
-    return path
-
-
-def load_answer_sets(cfg, meta):
-    """Arithmetic data (a character vocabulary with '='): the first answer_eval_examples examples
-    of each validation split, scored by answer CE at every evaluation (the paper's OOD metric)."""
-    if meta is None or not isinstance(meta.get("tokenizer"), list) or "=" not in meta["tokenizer"]:
-        return {}
-    answer_sets = {}
-    for split in ("val", "val_ood"):
-        path = os.path.join(cfg.data_dir, cfg.dataset, f"{split}.bin")
-        if os.path.exists(path):
-            examples = split_examples(np.fromfile(path, dtype=np.uint16), meta["eot_token"])
-            answer_sets[split] = (examples[:cfg.answer_eval_examples], meta["tokenizer"].index("="))
-    return answer_sets
-
-
 def check_data(cfg):
-    """The dataset's meta.json, its train and val files and the arithmetic answer sets, checked
-    before anything is written: a bad dataset stops the run with nothing in out_dir to clean up."""
-    meta = load_meta(cfg.data_dir, cfg.dataset)
+    """meta.json, the train and val files and the arithmetic answer sets; a bad dataset stops the
+    run with nothing in out_dir to clean up."""
+    meta = read_meta(cfg.data_dir, cfg.dataset)
     paths = {split: check_split(cfg.data_dir, cfg.dataset, split, cfg.block_size, meta) for split in ("train", "val")}
-    answer_sets = load_answer_sets(cfg, meta)
-    for split, (examples, _) in answer_sets.items():
+    sets = answer_sets(cfg.data_dir, cfg.dataset, meta, cfg.answer_eval_examples)
+    for split, (examples, _) in sets.items():
         longest = max(len(e) for e in examples)  # scored with the example as input, minus its last token
         if longest - 1 > cfg.block_size:
             raise ConfigError(f"block_size ({cfg.block_size}) is too short for the {split} examples of "
                               f"'{cfg.dataset}' ({longest} tokens); use at least {longest - 1}")
-    return meta, paths, answer_sets
+    return meta, paths, sets
 
 
 def check_out_dir(cfg):
@@ -1103,12 +1071,12 @@ def check_out_dir(cfg):
 
 
 # -----------------------------------------------------------------------------
-# Logging: a line on stdout and a JSON row in out_dir/log.jsonl per logged step, evaluation,
-# alignment measurement and phase change.
+# Logging: a stdout line and a JSON row in out_dir/log.jsonl per logged step, evaluation,
+# alignment measurement and phase change
 # -----------------------------------------------------------------------------
 def start_log(cfg, dist_info, iter_num, model, micro_steps):
-    """out_dir/log.jsonl: a new run starts a new log; a resumed one keeps its rows up to its checkpoint's
-    evaluation row (the steps after it are about to run, and be logged, again)."""
+    """A new run starts a new log; a resumed one keeps its rows up to its checkpoint's evaluation row
+    (the steps after it are about to run, and be logged, again)."""
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if dist_info.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -1153,10 +1121,9 @@ def format_row(row):
 
 def stop_if_not_finite(value, what, iter_num, cfg):
     if not math.isfinite(value):
-        raise SystemExit(f"gapt.py: {what} is {value} at iter {iter_num}; stopping without saving. The last "
-                         f"checkpoint of this run, if it saved one, is {os.path.join(cfg.out_dir, 'ckpt.pt')} and "
-                         f"the one with the best validation CE is best.pt beside it (resume from ckpt.pt with "
-                         f"--init_from=resume, perhaps with a lower --learning_rate or --mbe_weight)")
+        raise SystemExit(f"gapt.py: {what} is {value} at iter {iter_num}; stopping without saving. Resume from "
+                         f"{os.path.join(cfg.out_dir, 'ckpt.pt')} (the last checkpoint; best.pt beside it has the "
+                         f"best validation CE) with --init_from=resume and a lower --learning_rate or --mbe_weight")
 
 
 if __name__ == "__main__":

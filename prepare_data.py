@@ -10,6 +10,7 @@ Three commands:
     python prepare_data.py fineweb --max_tokens 100000000      # FineWeb sample-10BT, streamed from the Hub
     python prepare_data.py text --files 'books/*.txt' --name books   # the same pipeline on local files
     python prepare_data.py arithmetic                            # a*b=c lines, 1-3 digits (OOD val: 4-6)
+    python prepare_data.py arithmetic --format author            # the same in the author's <bos>a x b = c<eos>
 
 Text is GPT-2 BPE (tiktoken). Each document becomes encode_ordinary(text) followed by ONE
 end-of-text token (50256): eot *ends* a document, as "\\n" ends an arithmetic example, so a training
@@ -28,12 +29,10 @@ import os
 import shlex
 import sys
 import time
+import typing
 
 import numpy as np
 import tiktoken
-from datasets import load_dataset
-from huggingface_hub import HfApi
-from huggingface_hub.errors import RepositoryNotFoundError
 from tqdm import tqdm
 
 
@@ -72,6 +71,80 @@ def write_meta(f, tokenizer, vocab_size, eot_token, tokens, command):
     f.write((json.dumps(meta, indent=2) + "\n").encode())
 
 
+# ---- reading a dataset back: gapt.py and sample.py check it here, where the format is defined ----
+
+def stop(message):
+    """A one-line error from whichever program is checking the data (gapt.py, sample.py)."""
+    raise SystemExit(f"{os.path.basename(sys.argv[0])}: {message}")
+
+
+def prepare_command(name):
+    if name in ("fineweb", "arithmetic"):
+        return f"python prepare_data.py {name}"
+    return f"python prepare_data.py text --files 'path/to/*.txt' --name {name}"
+
+
+def read_meta(data_dir, name):
+    """The dataset's meta.json (tokenizer, vocab_size, eot_token, tokens per split), or None."""
+    path = os.path.join(data_dir, name, "meta.json")
+    if not os.path.exists(path):
+        return None
+    fix = f"re-create it with: {prepare_command(name)}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        stop(f"{path} is not valid JSON ({e}); {fix}")
+    expected = dict(vocab_size=int, eot_token=int, tokenizer=(str, list))
+    wrong = [k for k, kind in expected.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
+    if wrong:
+        stop(f"{path} lacks or mistypes {', '.join(wrong)}; {fix}")
+    return meta
+
+
+def check_split(data_dir, name, split, block_size, meta):
+    """The path of a split's .bin, or a one-line error with the command that fixes it: nothing trains
+    on a missing or truncated file."""
+    path = os.path.join(data_dir, name, f"{split}.bin")
+    fix = f"prepare it with: {prepare_command(name)}"
+    if not os.path.exists(path):
+        stop(f"dataset '{name}' has no {path}; {fix}")
+    size = os.path.getsize(path)
+    if size % 2:
+        stop(f"{path} has an odd number of bytes, so it is not uint16 tokens; {fix}")
+    n_tokens = size // 2
+    expected = (meta or {}).get("tokens", {}).get(split)
+    if expected is not None and expected != n_tokens:
+        stop(f"{path} holds {n_tokens} tokens but meta.json says {expected} (interrupted write?); {fix}")
+    if n_tokens <= block_size:
+        stop(f"{path} has {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; lower block_size or {fix}")
+    return path
+
+
+def split_examples(tokens, eot_token):
+    """uint16 tokens -> list of examples, each a list of ids that starts and ends with eot_token.
+    The leading eot is the previous example's end, as in every training window: without it the model
+    reads `12*34=` at position 0 as it reads the start of a training window, where the first operand
+    is most often cut (`...12*34=`), and scores far below what it has learned."""
+    ends = np.flatnonzero(np.asarray(tokens) == eot_token)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    return [[eot_token] + tokens[s:e + 1].astype(np.int64).tolist() for s, e in zip(starts, ends)]
+
+
+def answer_sets(data_dir, name, meta, n_examples):
+    """Arithmetic data (a character vocabulary with '='): {split: (its first n_examples examples,
+    the id of '=')} for val and val_ood, which gapt.py scores by answer CE; {} for text."""
+    if meta is None or not isinstance(meta.get("tokenizer"), list) or "=" not in meta["tokenizer"]:
+        return {}
+    sets = {}
+    for split in ("val", "val_ood"):
+        path = os.path.join(data_dir, name, f"{split}.bin")
+        if os.path.exists(path):
+            examples = split_examples(np.fromfile(path, dtype=np.uint16), meta["eot_token"])
+            sets[split] = (examples[:n_examples], meta["tokenizer"].index("="))
+    return sets
+
+
 # ---- text sources: the Hub (fineweb) or local files (text), both as a streaming `datasets` object ----
 
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -79,6 +152,9 @@ LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet":
 
 def open_hub_dataset(hf_id, config):
     """Stream the dataset, so --max_tokens reads only what it needs and disk holds only the .bin files."""
+    from datasets import load_dataset  # here, not at the top: gapt.py imports this file to check data,
+    from huggingface_hub import HfApi  # and `datasets` alone takes a second to import
+    from huggingface_hub.errors import RepositoryNotFoundError
     how_to_go_offline = ("To prepare offline, get the parquet files onto this machine and run: "
                          "python prepare_data.py text --files 'DIR/*.parquet' --name fineweb")
     # One quick request first: with no network huggingface_hub retries for ~25 s before datasets
@@ -99,6 +175,7 @@ def open_hub_dataset(hf_id, config):
 
 def open_local_dataset(patterns, sample_by):
     """The same streaming reader as the Hub path, so tests on small local files exercise it."""
+    from datasets import load_dataset
     files = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True))  # sorted: glob order is not stable
@@ -208,57 +285,99 @@ def prepare_text(texts, args, out_dir, command):
           f"documents in {seconds:.1f} s ({total / seconds:,.0f} tokens/s, {args.num_proc} processes)")
 
 
-# ---- arithmetic: a*b=c lines over a 13-character vocabulary ----
+# ---- arithmetic: a*b=c examples over a character vocabulary, in our format or the author's ----
 
-CHARS = list("0123456789*=\n")  # token id = index; "\n" ends every example, so it is the eot token
-CHAR_IDS = np.zeros(128, dtype=np.uint16)
-CHAR_IDS[[ord(c) for c in CHARS]] = np.arange(len(CHARS))
-# Operand digit counts per split. Held-out splits come first: each split avoids every example of the
-# splits before it, so neither val nor val_ood shares an example with train.
+class ArithmeticFormat(typing.NamedTuple):
+    """What differs between our data and the author's; the digit ranges, the seeds and the files do not."""
+    tokens: list  # meta.json's tokenizer: token id = index
+    example: str  # one example written in tokens, with the operands {a}, {b} and the product {c}
+    end: str  # the token that ends every example: the eot token that split_examples cuts at
+    lowest_one_digit: int  # the smallest one-digit operand
+    held_out: bool  # whether train avoids every val and val_ood pair
+
+
+ARITHMETIC_FORMATS = {
+    # "\n" ends every example; 0 is one of the ten one-digit numbers; train never shows a held-out pair.
+    "ours": ArithmeticFormat(list("0123456789*=\n"), "{a}*{b}={c}\n", "\n", 0, True),
+    # The author's data/arithmetic.py (fangyuan-ksgk/mod_gpt): their DigitTokenizer's ids, a digit count
+    # d drawn per operand and the operand from 10^(d-1) .. 10^d - 1 (so 1-9 for one digit), every
+    # split drawn independently (their ID validation pairs also occur in train).
+    "author": ArithmeticFormat(["<bos>", "<eos>", "x", "=", " ", *"0123456789"], "<bos>{a} x {b} = {c}<eos>",
+                               "<eos>", 1, False),
+}
+# Operand digit counts per split, the same in both formats. Held-out splits come first: in our format
+# each split avoids every example of the splits before it, so neither val nor val_ood shares an
+# example with train.
 SPLIT_DIGITS = {"val": (1, 3), "val_ood": (4, 6), "train": (1, 3)}
+EXAMPLES_PER_CHUNK = 100_000  # encoded at once: memory stays small at any --n_train (the author used 10M)
 
 
-def sample_operands(rng, n, digits):
+def sample_operands(rng, n, digits, lowest_one_digit):
     """Digit count uniform over the range, then the number uniform among the numbers written with that
-    many digits: 0-9 for one digit (0 is a one-digit number), 10^(d-1) .. 10^d - 1 above."""
+    many digits: lowest_one_digit-9 for one digit (0 is a one-digit number in ours, not in the
+    author's), 10^(d-1) .. 10^d - 1 above."""
     d = rng.integers(digits[0], digits[1] + 1, size=n)
-    return rng.integers(np.where(d == 1, 0, 10 ** (d - 1)), 10**d)
+    return rng.integers(np.where(d == 1, lowest_one_digit, 10 ** (d - 1)), 10**d)
 
 
 def pair_key(a, b):
     return a * 10**6 + b  # one integer per (a, b), unique for operands of up to 6 digits
 
 
-def sample_pairs(rng, n, digits, exclude):
+def sample_pairs(rng, n, digits, exclude, lowest_one_digit):
     """n operand pairs from the paper's distribution, redrawing any pair whose key is in exclude."""
     a, b = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
     while len(a) < n:
-        new_a, new_b = sample_operands(rng, n - len(a), digits), sample_operands(rng, n - len(a), digits)
+        new_a = sample_operands(rng, n - len(a), digits, lowest_one_digit)
+        new_b = sample_operands(rng, n - len(a), digits, lowest_one_digit)
         keep = ~np.isin(pair_key(new_a, new_b), exclude)
         a, b = np.concatenate([a, new_a[keep]]), np.concatenate([b, new_b[keep]])
     return a, b
 
 
-def encode_examples(a, b, split):
-    """Python ints for the product: exact at any size, and 1M lines format in about a second."""
-    pairs = tqdm(zip(a.tolist(), b.tolist()), total=len(a), unit="ex", desc=f"writing {split}")
-    text = "".join(f"{x}*{y}={x * y}\n" for x, y in pairs)
-    return CHAR_IDS[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
+def example_encoder(fmt):
+    """(the example template with one character per token, a table from that character's code to the
+    token id), so that a whole chunk of examples encodes by one lookup. A one-character token stands
+    for itself, a longer one (the author's <bos>, <eos>) for the control character numbered by its id."""
+    template, ids = fmt.example, np.zeros(128, dtype=np.uint16)
+    for i, token in enumerate(fmt.tokens):
+        symbol = token if len(token) == 1 else chr(i)
+        template = template.replace(token, symbol)
+        ids[ord(symbol)] = i
+    return template, ids
+
+
+def write_examples(f, a, b, split, fmt):
+    """Python ints for the product: exact at any size, and 1M examples format in about a second.
+    Returns the number of tokens written."""
+    template, ids = example_encoder(fmt)
+    n_tokens = 0
+    with tqdm(total=len(a), unit="ex", desc=f"writing {split}") as bar:
+        for start in range(0, len(a), EXAMPLES_PER_CHUNK):
+            chunk = slice(start, start + EXAMPLES_PER_CHUNK)
+            pairs = zip(a[chunk].tolist(), b[chunk].tolist())
+            text = "".join(template.format(a=x, b=y, c=x * y) for x, y in pairs)
+            tokens = ids[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
+            f.write(tokens.tobytes())
+            n_tokens += len(tokens)
+            bar.update(len(a[chunk]))
+    return n_tokens
 
 
 def prepare_arithmetic(args, out_dir, command):
+    fmt = ARITHMETIC_FORMATS[args.format]
     sizes = {"val": args.n_val, "val_ood": args.n_val, "train": args.n_train}
     counts = {}
     seen = np.empty(0, dtype=np.int64)
     with atomic_outputs(out_dir, [f"{split}.bin" for split in SPLIT_DIGITS] + ["meta.json"]) as out:
         for i, (split, digits) in enumerate(SPLIT_DIGITS.items()):
             # One random stream per split: val stays the same when --n_train changes.
-            a, b = sample_pairs(np.random.default_rng([args.seed, i]), sizes[split], digits, exclude=seen)
-            seen = np.concatenate([seen, pair_key(a, b)])
-            tokens = encode_examples(a, b, split)
-            out[f"{split}.bin"].write(tokens.tobytes())
-            counts[split] = len(tokens)
-        write_meta(out["meta.json"], CHARS, len(CHARS), CHARS.index("\n"), counts, command)
+            rng = np.random.default_rng([args.seed, i])
+            a, b = sample_pairs(rng, sizes[split], digits, seen, fmt.lowest_one_digit)
+            if fmt.held_out:
+                seen = np.concatenate([seen, pair_key(a, b)])
+            counts[split] = write_examples(out[f"{split}.bin"], a, b, split, fmt)
+        write_meta(out["meta.json"], fmt.tokens, len(fmt.tokens), fmt.tokens.index(fmt.end), counts, command)
     print(f"wrote {out_dir}: " + ", ".join(f"{n:,} {split} tokens" for split, n in counts.items()))
 
 
@@ -315,9 +434,15 @@ def build_parser():
                        help=".txt only: a document is a paragraph (text between blank lines), a file, or a line")
     arithmetic = commands.add_parser("arithmetic", parents=[common], formatter_class=HelpFormatter,
                                      help="a*b=c examples: train and val 1-3 digit operands, val_ood 4-6")
-    arithmetic.add_argument("--n_train", type=positive_int, default=1_000_000, help="training examples")
+    arithmetic.add_argument("--n_train", type=positive_int, default=1_000_000,
+                            help="training examples (the author used 10,000,000)")
     arithmetic.add_argument("--n_val", type=positive_int, default=10_000,
-                            help="examples in val, and again in val_ood")
+                            help="examples in val, and again in val_ood (the author used 10,000)")
+    arithmetic.add_argument("--format", choices=ARITHMETIC_FORMATS, default="ours",
+                            help="ours: `a*b=c\\n`, one-digit operands 0-9, no val or val_ood pair in train; "
+                                 "author: `<bos>a x b = c<eos>` and the ids of the author's data/arithmetic.py, "
+                                 "one-digit operands 1-9, every split drawn independently (val pairs recur in "
+                                 "train). Another --data_dir keeps both")
     arithmetic.add_argument("--seed", type=non_negative_int, default=0, help="random seed; same seed, same files")
     arithmetic.set_defaults(out_name="arithmetic")
     # `prepare_data.py --help` shows every command's options, not just the command names.

@@ -12,7 +12,9 @@ prompt `a*b=` greedily, in distribution (val, 1-3 digit operands) and out of dis
 """
 
 import json
+import math
 import os
+import re
 import shlex
 import sys
 
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import gapt
+import prepare_data
 
 # -----------------------------------------------------------------------------
 # Config
@@ -187,17 +190,23 @@ def greedy_answers(model, prompts, eot_token, device, batch_size=256):
 
 def evaluate_arithmetic(model, examples, sep_token, eot_token, decode, device):
     """Scores on examples (token lists `a*b=c\\n`): exact match of the greedy answer string with
-    the true product, answer CE (teacher-forced, gapt.answer_ce), and the mean absolute difference
-    in digits between the greedy answer and the true one (length error: does it get the size right?)."""
+    the true product, answer CE (teacher-forced, gapt.answer_ce) of each example alone and, where the
+    model's context holds two of the longest examples, in context (gapt.answer_ce_in_context), and the
+    mean absolute difference in digits between the greedy answer and the true one (length error: does
+    it get the size right?)."""
     prompts = [ex[:ex.index(sep_token) + 1] for ex in examples]
     truths = [decode(ex[len(prompt):-1]) for ex, prompt in zip(examples, prompts)]
     guesses = [decode(answer) for answer in greedy_answers(model, prompts, eot_token, device)]
     right = [g == t for g, t in zip(guesses, truths)]
-    return dict(examples=len(examples),
-                exact_match=sum(right) / len(examples),
-                answer_ce=gapt.answer_ce(model, examples, sep_token, device),
-                length_error=sum(abs(len(g) - len(t)) for g, t in zip(guesses, truths)) / len(examples),
-                exact_match_by_digits=exact_match_by_digits([decode(p[1:-1]) for p in prompts], right))  # `\na*b=` -> `a*b`
+    scores = dict(examples=len(examples),
+                  exact_match=sum(right) / len(examples),
+                  answer_ce=gapt.answer_ce(model, examples, sep_token, device),
+                  length_error=sum(abs(len(g) - len(t)) for g, t in zip(guesses, truths)) / len(examples),
+                  exact_match_by_digits=exact_match_by_digits([decode(p[1:-1]) for p in prompts], right))  # `\na*b=` -> `a*b`
+    in_context = gapt.answer_ce_in_context(model, examples, sep_token, device, model.config.block_size)
+    if math.isfinite(in_context):
+        scores["answer_ce_in_context"] = in_context
+    return scores
 
 
 def exact_match_by_digits(questions, right):
@@ -205,7 +214,8 @@ def exact_match_by_digits(questions, right):
     overall number mixes 1-digit tables with 3 x 3-digit products. "1x3" counts 3*456 and 456*3."""
     counts = {}
     for question, ok in zip(questions, right):
-        key = "x".join(str(n) for n in sorted(len(operand) for operand in question.split("*")))
+        operands = re.findall(r"[0-9]+", question)  # `12*34` or the author's `<bos>12 x 34 `
+        key = "x".join(str(n) for n in sorted(len(operand) for operand in operands))
         hits, total = counts.get(key, (0, 0))
         counts[key] = (hits + ok, total + 1)
     return {key: hits / total for key, (hits, total) in sorted(counts.items())}
@@ -217,7 +227,7 @@ def load_arithmetic_splits(data_dir, dataset, meta, n, checkpoint_path):
     if meta is None:
         raise SystemExit(f"sample.py: --eval=arithmetic needs {meta_path} (the run's dataset); point --data_dir "
                          f"at the folder that holds '{dataset}', or prepare it with python prepare_data.py arithmetic")
-    answer_sets = gapt.load_answer_sets(gapt.Config(data_dir=data_dir, dataset=dataset, answer_eval_examples=n), meta)
+    answer_sets = prepare_data.answer_sets(data_dir, dataset, meta, n)
     if not answer_sets:
         tokenizer = "GPT-2 BPE" if meta["tokenizer"] == "gpt2" else f"the characters {''.join(meta['tokenizer'])!r}"
         raise SystemExit(f"sample.py: --eval=arithmetic needs a model trained on arithmetic data, but {checkpoint_path} "
@@ -232,9 +242,10 @@ def load_arithmetic_splits(data_dir, dataset, meta, n, checkpoint_path):
 
 def format_table(rows):
     """A Markdown table: readable in a terminal, and pasted as is into the README."""
-    lines = ["| split | examples | exact match | answer CE | length error |", "|---|---:|---:|---:|---:|"]
+    lines = ["| split | examples | exact match | answer CE | answer CE in context | length error |",
+             "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['split']} | {r['examples']} | {r['exact_match']:.3f} | {r['answer_ce']:.3f} | "
-              f"{r['length_error']:.3f} |" for r in rows]
+              f"{r.get('answer_ce_in_context', math.nan):.3f} | {r['length_error']:.3f} |" for r in rows]
     lines += ["", "exact match by operand digits:"]
     lines += [f"  {r['split']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["exact_match_by_digits"].items())
               for r in rows]
@@ -248,12 +259,12 @@ def main(argv=None):
     """Prints samples (returns their text) or the arithmetic table (returns its rows)."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = load_sample_config(argv)
-    device = gapt.resolve_device(cfg.device)
+    device = gapt.check_device(cfg.device)
     model, checkpoint = load_model(cfg.out_dir, device)
     dataset = checkpoint["config"]["dataset"]
     data_dir = cfg.data_dir or checkpoint["config"]["data_dir"]
     meta_path = os.path.join(data_dir, dataset, "meta.json")
-    meta = gapt.load_meta(data_dir, dataset)
+    meta = prepare_data.read_meta(data_dir, dataset)
 
     if cfg.eval == "arithmetic":
         checkpoint_path = os.path.join(cfg.out_dir, "ckpt.pt")

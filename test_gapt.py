@@ -6,6 +6,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -149,6 +150,31 @@ def test_patch_mbe_is_the_mean_of_mbe_over_patches():
     assert torch.allclose(patch_mbe(h, 4), expected)
 
 
+def spectrum(tokens):
+    """gapt.patch_spectrum of one patch (P, C), as a dict."""
+    return dict(zip(gapt.SPECTRUM_KEYS, gapt.patch_spectrum(tokens[None], len(tokens)).tolist()))
+
+
+def test_patch_spectrum_of_orthonormal_tokens_is_log_p_with_equal_eigenvalues():
+    s = spectrum(torch.eye(8, 16))
+    assert s["mbe"] == pytest.approx(math.log(8), abs=1e-4) and s["mbe_alpha1"] == pytest.approx(math.log(8), abs=1e-4)
+    assert s["top_share"] == pytest.approx(1 / 8, abs=1e-4)
+
+
+def test_patch_spectrum_tells_one_large_shared_direction_from_few_directions_used():
+    torch.manual_seed(0)
+    noise = 0.05 * torch.linalg.qr(torch.randn(16, 8))[0].T  # 8 small orthogonal directions
+    shared = torch.zeros(16)
+    shared[0] = 1.0
+    one_large_direction = shared + noise - noise @ shared[:, None] * shared  # the noise keeps off the shared axis
+    s = spectrum(one_large_direction)
+    assert s["mbe"] < 0.05 and s["top_share"] > 0.97  # alpha-2 MBE reads this patch as fully compressed ...
+    assert s["mbe_centred"] > 1.5  # ... but around their mean the tokens still use many directions
+    one_direction = torch.linspace(0.5, 2.0, 8)[:, None] * shared  # magnitudes vary, one direction only
+    s = spectrum(one_direction)
+    assert s["mbe"] < 1e-4 and s["mbe_centred"] < 1e-4 and s["top_share"] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_patch_mbe_rejects_a_length_that_is_not_a_multiple_of_the_patch():
     with pytest.raises(ValueError, match="multiple of patch_size"):
         patch_mbe(torch.randn(1, 10, 4), 4)
@@ -220,14 +246,96 @@ def test_gapt_follows_the_pseudocode_on_random_loss_sequences(seed):
     assert 0 < sum(p == 2 for p in phases_of(GAPT(**settings), zip(ce, mbe_values))) < 400  # both phases seen
 
 
-def test_gapt_state_round_trips_through_state_dict():
+@pytest.mark.parametrize("comp_end", ["plateau", "patience"])
+def test_gapt_state_round_trips_through_state_dict(comp_end):
     losses = [(3.0 - 0.001 * i, 1.0 + 0.01 * (i % 7)) for i in range(40)]
-    first = GAPT(patience_mem=5, patience_comp=5)
+    first = GAPT(patience_mem=5, patience_comp=5, comp_end=comp_end)
     phases_of(first, losses[:20])
-    second = GAPT(patience_mem=5, patience_comp=5)
+    second = GAPT(patience_mem=5, patience_comp=5, comp_end=comp_end)
     second.load_state_dict(first.state_dict())
     assert second.state_dict() == first.state_dict()
     assert phases_of(second, losses[20:]) == phases_of(first, losses[20:])
+
+
+class ExecutedGate:
+    """The gate of the author's code as it ran (RRScheduler._switch_phase in src/utils.py of
+    fangyuan-ksgk/mod_gpt, plain GAPT: no inner cycle), transcribed line by line in plain Python."""
+
+    def __init__(self, delta_ce, delta_mbe, patience_mem, patience_comp, tau):
+        self.d_ce, self.d_mbe, self.p_m, self.p_c, self.tau = delta_ce, delta_mbe, patience_mem, patience_comp, tau
+        self.phase, self.mem_counter, self.comp_counter, self.min_entropy = 1, 0, 0, math.inf
+
+    def step(self, ce, mbe):
+        ce_improvement = max(0.0, self.min_entropy - ce)
+        worse_memorization = ce >= self.min_entropy * (1 + self.tau)
+        self.min_entropy = min(self.min_entropy, ce)
+        mbe_improvement = 0.0  # computed only in the inner cycle, which plain GAPT never enters
+        better_memorization = ce_improvement > self.d_ce and ce_improvement != math.inf
+        better_compression = mbe_improvement > self.d_mbe
+        self.mem_counter = 0 if better_memorization else self.mem_counter + 1
+        self.comp_counter = 0 if better_compression else self.comp_counter + 1
+        if self.phase == 2 and (self.comp_counter >= self.p_c or worse_memorization):
+            self.phase, self.mem_counter = 1, 0
+        elif self.phase == 1 and self.mem_counter >= self.p_m:
+            self.phase, self.comp_counter, self.min_entropy = 2, 0, math.inf
+        return self.phase
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gapt_with_comp_end_patience_follows_the_authors_executed_gate_on_random_loss_sequences(seed):
+    rng = np.random.default_rng(seed)
+    settings = dict(delta_ce=0.05, delta_mbe=0.02, patience_mem=3, patience_comp=4, tau=0.1)
+    gate, reference = GAPT(**settings, comp_end="patience"), ExecutedGate(**settings)
+    ce = 4.0 - np.cumsum(rng.choice([0.0, 0.0, 0.03, 0.1], 400)) / 20 + rng.choice([0, 0, 0, 0.6], 400)
+    mbe_values = 1.5 - np.cumsum(rng.uniform(0, 0.05, 400))  # MBE keeps falling: a plateau never ends a phase
+    phases = []
+    for c, m in zip(ce.tolist(), mbe_values.tolist()):
+        phases.append(int(gate.step(c, m)))
+        assert phases[-1] == reference.step(c, m)
+        state = gate.state_dict()
+        assert state["ce_min"] == reference.min_entropy
+        # the counter of the current phase (each rule resets the other one on the way in)
+        assert (state["s_m"] == reference.mem_counter) if phases[-1] == 1 else (state["s_c"] == reference.comp_counter)
+    assert 0 < sum(p == 2 for p in phases) < 400
+
+
+def test_comp_end_patience_compresses_for_exactly_patience_comp_steps_while_mbe_still_falls():
+    losses = [(2.0, 1.0)] * 3 + [(2.0, 1.0 - 0.1 * i) for i in range(1, 8)]
+    plateau, patience = (GAPT(patience_mem=2, patience_comp=3, comp_end=end) for end in ("plateau", "patience"))
+    assert phases_of(plateau, losses) == [1, 1, 2, 2, 2, 2, 2, 2, 2, 2]  # MBE keeps improving: compression goes on
+    # 3 steps of compression, then memorization; the run's first step counts as no CE progress, so it starts sooner
+    assert phases_of(patience, losses) == [1, 2, 2, 2, 1, 1, 2, 2, 2, 1]
+
+
+def test_comp_end_patience_still_ends_compression_when_ce_rises_above_one_plus_tau():
+    gate = GAPT(patience_mem=1, patience_comp=100, tau=0.1, comp_end="patience")
+    assert phases_of(gate, [(2.0, 1.0), (1.0, 0.9), (1.09, 0.8), (1.11, 0.7)]) == [2, 2, 2, 1]
+
+
+class HostReadCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the reads of a tensor's value by the host (.item(), bool(), int(), an `if` on a tensor):
+    each goes through aten._local_scalar_dense, and on a GPU each would wait for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("comp_end", ["plateau", "patience"])
+def test_gapt_step_never_reads_a_tensor_value_on_the_host(comp_end):
+    gate = GAPT(patience_mem=2, patience_comp=3, comp_end=comp_end)
+    losses = [(torch.tensor(2.0 - 0.01 * (i % 5)), torch.tensor(1.0 - 0.02 * i)) for i in range(30)]
+    with HostReadCounter() as counter:
+        phases = [gate.step(ce, m) for ce, m in losses]
+    assert counter.reads == 0
+    assert {int(p) for p in phases} == {1, 2}  # both branches ran
+    with HostReadCounter() as counter:
+        gate.phase  # the one read the gate offers, for the caller who needs the phase on the host
+    assert counter.reads == 1
 
 
 # -----------------------------------------------------------------------------
@@ -324,6 +432,9 @@ def test_training_logs_steps_evaluations_and_writes_a_checkpoint(tmp_path, data)
     assert [r["iter"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert {"iter", "phase", "ce", "mbe", "lr", "tok_per_s"} <= set(steps[0])
     assert [r["iter"] for r in evals] == [3, 6] and len(evals[0]["val_mbe_blocks"]) == 3
+    assert evals[0]["val_mbe_all"] == pytest.approx(np.mean(evals[0]["val_mbe_blocks"]), abs=1e-4)
+    assert all(len(evals[0][f"val_{key}_blocks"]) == 3 for key in gapt.SPECTRUM_KEYS)
+    assert all(1 / 4 - 1e-4 <= share <= 1 + 1e-4 for share in evals[0]["val_top_share_blocks"])  # patch_size 4
     assert steps[-1]["ce"] < steps[0]["ce"]
     ckpt = load_ckpt(tmp_path / "out")
     assert ckpt["iter_num"] == 6 and ckpt["config"]["mode"] == "iblm"
@@ -586,6 +697,7 @@ def test_help_lists_every_key_with_its_default_and_its_comment(script, defaults)
     ("--block_size=18", "multiple of patch_size"),
     ("--dataset=missing", "python prepare_data.py text"),
     ("--mode=sometimes", "mode must be one of"),
+    ("--comp_end=never", "comp_end must be one of plateau, patience"),
     ("--learning_rate=-1e-3", "learning_rate must be positive"),
     ("--dropout=1.0", "dropout must be in [0, 1)"),
     ("--beta1=2", "beta1 must be in [0, 1)"),
@@ -1190,6 +1302,107 @@ def test_arithmetic_same_seed_gives_identical_files(tmp_path, arithmetic):
         assert same != (tmp_path / f"other/data/arithmetic/{split}.bin").read_bytes()
 
 
+# The author's arithmetic data: prepare_data.py arithmetic --format author
+AUTHOR_TOKENS = ["<bos>", "<eos>", "x", "=", " ", *"0123456789"]  # their DigitTokenizer: id = index
+EXAMPLE = re.compile(r"<bos>(\d+) x (\d+) = (\d+)<eos>")
+
+
+def decode(out, split):
+    tokens = json.loads((out / "meta.json").read_text())["tokenizer"]
+    return "".join(tokens[i] for i in np.fromfile(out / f"{split}.bin", dtype=np.uint16))
+
+
+def examples(out, split):
+    """[(a, b, c)] as strings, after checking that the split is nothing but whole examples."""
+    text = decode(out, split)
+    found = EXAMPLE.findall(text)
+    assert "".join(f"<bos>{a} x {b} = {c}<eos>" for a, b, c in found) == text
+    return found
+
+
+@pytest.fixture(scope="module")
+def author(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("author")
+    prepare(tmp_path, "arithmetic", "--format", "author", "--n_train", "20000", "--n_val", "2000", "--seed", "3")
+    return tmp_path / "data/arithmetic"
+
+
+def test_author_format_writes_bos_a_x_b_eq_c_eos_with_the_true_product_and_the_authors_ids(author):
+    for split, n in [("train", 20000), ("val", 2000), ("val_ood", 2000)]:
+        found = examples(author, split)
+        assert len(found) == n
+        for a, b, c in found:
+            assert int(c) == int(a) * int(b)
+            assert str(int(a)) == a and str(int(b)) == b and str(int(c)) == c  # no leading zeros
+    first = "<bos>{} x {} = {}<eos>".format(*examples(author, "train")[0])
+    ids = [AUTHOR_TOKENS.index(t) for t in re.findall(r"<bos>|<eos>|.", first)]  # their encode_multiplication
+    assert np.fromfile(author / "train.bin", dtype=np.uint16)[:len(ids)].tolist() == ids
+
+
+def test_author_operands_have_1_to_3_digits_uniformly_4_to_6_in_val_ood_and_no_zero(author):
+    for split, (lo, hi) in [("train", (1, 3)), ("val", (1, 3)), ("val_ood", (4, 6))]:
+        operands = [x for a, b, _ in examples(author, split) for x in (a, b)]
+        digit_share = np.bincount([len(x) for x in operands], minlength=hi + 1)[lo:] / len(operands)
+        assert len(digit_share) == hi - lo + 1 and np.allclose(digit_share, 1 / 3, atol=0.03)  # train too
+    one_digit = {x for a, b, _ in examples(author, "train") for x in (a, b) if len(x) == 1}
+    assert one_digit == set("123456789")  # their randint(10**0, 9): 0 is never drawn
+
+
+def test_author_format_keeps_val_pairs_that_also_occur_in_train(author):
+    # 1-digit x 1-digit is 1/9 of the examples over only 81 pairs, so their independent draws share many;
+    # ours removes every one of them from train (test_arithmetic_heldout_examples_never_appear_in_train)
+    train, val = set(examples(author, "train")), set(examples(author, "val"))
+    assert len(train & val) > 50
+
+
+def test_author_meta_is_read_back_and_answer_sets_cut_whole_examples_after_the_previous_eos(author):
+    data_dir = str(author.parent)
+    meta = prepare_data.read_meta(data_dir, "arithmetic")
+    assert meta["tokenizer"] == AUTHOR_TOKENS and meta["vocab_size"] == 15 and meta["eot_token"] == 1
+    assert meta["tokens"] == {s: os.path.getsize(author / f"{s}.bin") // 2 for s in ["train", "val", "val_ood"]}
+    sets = prepare_data.answer_sets(data_dir, "arithmetic", meta, 50)
+    assert set(sets) == {"val", "val_ood"}
+    for split, (cut, eq) in sets.items():
+        assert eq == 3 and len(cut) == 50
+        for example, (a, b, c) in zip(cut, examples(author, split)):
+            assert example[:2] == [1, 0] and example[-1] == 1  # <eos> of the previous example, then <bos>
+            text = "".join(AUTHOR_TOKENS[i] for i in example[1:])
+            assert text == f"<bos>{a} x {b} = {c}<eos>"
+            # what gapt.answer_ce scores, the targets after '=' and before the end: the space, then c
+            assert "".join(AUTHOR_TOKENS[i] for i in example[example.index(eq) + 1:-1]) == f" {c}"
+
+
+def test_gapt_trains_and_scores_answers_on_the_author_format(tmp_path):
+    prepare(tmp_path, "arithmetic", "--format", "author", "--n_train", "500", "--n_val", "30")
+    settings = dict(dataset="arithmetic", data_dir=tmp_path / "data", out_dir=tmp_path / "out", n_layer=3, n_head=2,
+                    n_embd=16, block_size=64, patch_size=8, batch_size=4, gradient_accumulation_steps=1,
+                    mbe_skip_first=1, mbe_skip_last=1, max_iters=2, warmup_iters=1, lr_decay_iters=2,
+                    eval_interval=2, eval_iters=1, log_interval=1, align_interval=0, answer_eval_examples=30,
+                    compile=False, device="cpu")
+    result = gapt.train(gapt.load_config([f"--{k}={v}" for k, v in settings.items()]))
+    with open(tmp_path / "out/log.jsonl") as f:
+        evaluation = [r for r in map(json.loads, f) if r.get("event") == "eval"][-1]
+    assert result["model"].config.vocab_size == 15
+    assert all(math.isfinite(evaluation[f"{s}_answer_ce"]) for s in ["val", "val_ood"])
+
+
+def test_the_default_format_is_ours_and_unchanged_by_the_option(tmp_path, arithmetic):
+    prepare(tmp_path, "arithmetic", "--format", "ours", "--n_train", "20000", "--n_val", "2000", "--seed", "3")
+    for split in ["train", "val", "val_ood"]:  # the fixture was written without --format
+        assert (tmp_path / f"data/arithmetic/{split}.bin").read_bytes() == (arithmetic / f"{split}.bin").read_bytes()
+    meta = json.loads((tmp_path / "data/arithmetic/meta.json").read_text())
+    assert meta["tokenizer"] == list("0123456789*=\n") and meta["vocab_size"] == 13 and meta["eot_token"] == 12
+
+
+def test_an_unknown_format_is_a_one_line_error_naming_the_choices_and_writes_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        prepare(tmp_path, "arithmetic", "--format", "authors")
+    assert stop.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(error) == 1 and "--format: invalid choice: 'authors'" in error[0] and "'author'" in error[0]
+    assert not (tmp_path / "data").exists()
+
+
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "arithmetic"])
 def test_gapt_trains_a_few_steps_on_each_kind_of_prepared_dataset(tmp_path, kind):
     data_dir = str(tmp_path / "data")
@@ -1209,6 +1422,7 @@ def test_gapt_trains_a_few_steps_on_each_kind_of_prepared_dataset(tmp_path, kind
     assert math.isfinite(evaluation["val_ce"])
     assert result["model"].config.vocab_size == (13 if kind == "arithmetic" else 50304)
     assert ("val_ood_answer_ce" in evaluation) == (kind == "arithmetic")
+    assert ("val_answer_ce_in_context" in evaluation) == (kind == "arithmetic")  # val examples fit block_size / 2
 
 
 # -----------------------------------------------------------------------------
@@ -1318,7 +1532,7 @@ EXAMPLES = [encode_chars("\n" + line + "\n") for line in ("2*3=6", "9*9=81", "12
 # -----------------------------------------------------------------------------
 def test_examples_are_scored_after_the_end_of_example_token_that_precedes_them_in_training():
     tokens = np.array(encode_chars("2*3=6\n12*34=408\n"), dtype=np.uint16)
-    assert gapt.split_examples(tokens, ARITH_EOT) == [encode_chars("\n2*3=6\n"), encode_chars("\n12*34=408\n")]
+    assert prepare_data.split_examples(tokens, ARITH_EOT) == [encode_chars("\n2*3=6\n"), encode_chars("\n12*34=408\n")]
 
 
 def test_answer_ce_is_the_mean_ce_over_the_answer_digits_only():
@@ -1332,6 +1546,63 @@ def test_answer_ce_is_the_mean_ce_over_the_answer_digits_only():
     expected = sum(losses) / len(losses)
     assert gapt.answer_ce(model, EXAMPLES, ARITH_EQ, "cpu") == pytest.approx(expected, rel=1e-5)
     assert gapt.answer_ce(model, EXAMPLES, ARITH_EQ, "cpu", batch_size=3) == pytest.approx(expected, rel=1e-5)
+
+
+class CopyModel:
+    """Predicts, with certainty, the token `period` positions back (uniformly where there is none): a
+    model that can answer only by reading an earlier example of a stream of identical examples."""
+
+    def __init__(self, vocab_size, period):
+        self.vocab_size, self.period = vocab_size, period
+
+    def all_logits(self, idx):
+        logits = torch.zeros(*idx.shape, self.vocab_size)
+        logits[:, self.period - 1:] = 50.0 * F.one_hot(idx[:, :idx.size(1) - self.period + 1], self.vocab_size)
+        return logits
+
+
+class TokenModel:
+    """The same logits at every position: the CE of a target depends on the target token only."""
+
+    def __init__(self, vocab_size, seed=0):
+        self.logits = torch.randn(vocab_size, generator=torch.Generator().manual_seed(seed))
+
+    def all_logits(self, idx):
+        return self.logits.expand(*idx.shape, -1)
+
+    def ce(self, token):
+        return -F.log_softmax(self.logits, -1)[token].item()
+
+
+def test_in_context_answer_ce_lets_an_answer_be_read_from_the_examples_before_it():
+    examples = [encode_chars("\n2*3=6\n")] * 40
+    model = CopyModel(len(ARITHMETIC_CHARS), period=6)  # 6 tokens per example in the stream
+    assert gapt.answer_ce(model, examples, ARITH_EQ, "cpu") == pytest.approx(math.log(len(ARITHMETIC_CHARS)))
+    assert gapt.answer_ce_in_context(model, examples, ARITH_EQ, "cpu", window=16) < 1e-6
+
+
+@pytest.mark.parametrize("window, batch_size", [(20, 64), (24, 3), (64, 1)])
+def test_in_context_answer_ce_scores_every_whole_example_once_after_the_first_half_window(window, batch_size):
+    rng = np.random.default_rng(window)
+    examples = [EXAMPLES[i] for i in rng.integers(len(EXAMPLES), size=60)]
+    model = TokenModel(len(ARITHMETIC_CHARS))
+    stream_length = 1 + sum(len(ex) - 1 for ex in examples)
+    last_window_end = (stream_length - window - 1) // (window // 2) * (window // 2) + window
+    answers, end = [], 0  # end: the stream index of each example's closing eot
+    for ex in examples:
+        end += len(ex) - 1
+        if window // 2 < end <= last_window_end:
+            answers += ex[ex.index(ARITH_EQ) + 1:-1]
+    expected = sum(model.ce(token) for token in answers) / len(answers)
+    got = gapt.answer_ce_in_context(model, examples, ARITH_EQ, "cpu", window=window, batch_size=batch_size)
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_in_context_answer_ce_is_nan_when_a_window_cannot_hold_two_of_the_longest_examples():
+    model = TokenModel(len(ARITHMETIC_CHARS))
+    assert math.isnan(gapt.answer_ce_in_context(model, EXAMPLES * 10, ARITH_EQ, "cpu", window=16))  # 12*34=408 is 10
+    assert math.isnan(gapt.answer_ce_in_context(model, EXAMPLES[:1], ARITH_EQ, "cpu", window=64))  # not one window
+    assert math.isfinite(gapt.answer_ce_in_context(model, EXAMPLES * 10, ARITH_EQ, "cpu", window=20))
 
 
 def test_exact_match_is_one_for_right_answers_and_zero_for_wrong_ones():
@@ -1411,6 +1682,8 @@ def test_eval_answer_ce_is_the_one_logged_in_training(arith_run):
     logged = [row for row in log if row.get("event") == "eval"][-1]
     assert rows[0]["answer_ce"] == pytest.approx(logged["val_answer_ce"], rel=1e-5)
     assert rows[1]["answer_ce"] == pytest.approx(logged["val_ood_answer_ce"], rel=1e-5)
+    assert rows[0]["answer_ce_in_context"] == pytest.approx(logged["val_answer_ce_in_context"], rel=1e-5)
+    assert "answer_ce_in_context" not in rows[1] and "val_ood_answer_ce_in_context" not in logged  # 32 < 2 x 19
 
 
 # -----------------------------------------------------------------------------
@@ -1504,6 +1777,28 @@ def test_the_summary_table_reports_the_final_evaluation_per_mode_and_the_change_
     assert "at iter [10]" in table
     assert "| baseline | 2 | 2.0000 ± 0.0000 | 3.0000 ± 1.4142 |" in table
     assert "| gapt | 1 | 2.0000 ± 0.0000 (+0.0%) | 2.4000 ± 0.0000 (-20.0%) |" in table
+
+
+def test_the_summary_gives_the_all_block_mbe_beside_the_regularized_one_also_for_older_logs(tmp_path):
+    write_run_log(tmp_path / "b1", "baseline", 1, val_mbe_blocks=[1.0, 0.5, 0.25, 0.25])  # logged no val_mbe_all
+    write_run_log(tmp_path / "g1", "gapt", 1, val_mbe_blocks=[0.5, 0.25, 0.125, 0.125])
+    table = report.summarize_runs([str(tmp_path / "b1"), str(tmp_path / "g1")]).splitlines()
+    assert "| mode | runs | val_ce | val_mbe_all | val_ood_answer_ce |" in table[2]
+    assert "| 0.5000 ± 0.0000 |" in table[4] and "| 0.2500 ± 0.0000 (-50.0%) |" in table[5]  # the mean of 4 blocks
+
+
+def test_the_summary_has_a_table_per_block_for_each_spectrum_measure_logged(tmp_path):
+    for name, mode, share in (("b1", "baseline", 0.5), ("g1", "gapt", 0.75)):
+        write_run_log(tmp_path / name, mode, 1, val_mbe_blocks=[1.0, 0.5])
+        with open(tmp_path / name / "log.jsonl") as f:
+            rows = [json.loads(line) for line in f]
+        rows[-1].update(val_top_share_blocks=[share, share], val_mbe_centred_blocks=[1.5, 1.5])
+        with open(tmp_path / name / "log.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    table = report.summarize_runs([str(tmp_path / "b1"), str(tmp_path / "g1")])
+    assert "the largest eigenvalue's share" in table and "mean token removed" in table
+    assert "| gapt | 1 | 0.7500 ± 0.0000 (+50.0%) | 0.7500 ± 0.0000 (+50.0%) |" in table
+    assert "alpha-1" not in table  # not logged: no table
 
 
 def test_the_summary_reports_the_alignment_cosine_per_window_and_its_sign_changes(tmp_path):

@@ -38,6 +38,9 @@ def read_run(out_dir):
     if not os.path.exists(path):
         raise SystemExit(f"report: no {path}; --runs takes the out_dirs of runs, comma-separated")
     rows = read_log(path)
+    for row in rows:  # logs written before gapt.py logged val_mbe_all: the same mean, from the blocks
+        if "val_mbe_blocks" in row and "val_mbe_all" not in row:
+            row["val_mbe_all"] = float(np.mean(row["val_mbe_blocks"]))
     config = next(r["config"] for r in rows if r.get("event") == "start")
     return f"{config['mode']} seed {config['seed']}", config["mode"], rows
 
@@ -55,9 +58,10 @@ def compression_spans(rows, last_iter):
     return spans + ([(start, last_iter)] if start is not None else [])
 
 
-PLOT_PANELS = [("ce", "training CE"), ("mbe", "training MBE_reg"), ("val_ood_answer_ce", "OOD answer CE (val_ood)"),
-               ("val_answer_ce", "ID answer CE (val)"), ("val_ce", "validation CE"),
-               ("align_cos", "cos(grad CE, grad MBE_reg)")]
+PLOT_PANELS = [("ce", "training CE"), ("mbe", "training MBE_reg"), ("val_mbe", "val MBE_reg (regularized)"),
+               ("val_mbe_all", "val MBE (all blocks)"), ("val_ood_answer_ce", "OOD answer CE (val_ood)"),
+               ("val_ood_answer_ce_in_context", "OOD answer CE in context"), ("val_answer_ce", "ID answer CE (val)"),
+               ("val_ce", "validation CE"), ("align_cos", "cos(grad CE, grad MBE_reg)")]
 MODE_COLORS = dict(baseline="tab:gray", iblm="tab:blue", gapt="tab:red")
 
 
@@ -141,9 +145,10 @@ def plot_forgetting(json_path, png_path):
             steps = curves[0]["step"]
             mean = [sum(c["separation"][i] for c in curves) / len(curves) for i in range(len(steps))]
             ax.plot(steps, mean, color=colors.get(mode), label=mode)
-        if schedule == "sequential":
+        switch = dict(sequential="task 2 starts ", pretrain_finetune="fine-tuning on task 1 starts ").get(schedule)
+        if switch:
             ax.axvline(steps_per_task, color="k", ls=":", lw=1)
-            ax.text(steps_per_task, 0.5, "task 2 starts ", transform=ax.get_xaxis_transform(),
+            ax.text(steps_per_task, 0.5, switch, transform=ax.get_xaxis_transform(),
                     rotation=90, ha="right", va="center", fontsize=8)
         # where the GAPT gate compressed (seed 0), as ticks along the bottom
         gapt0 = next((r for r in runs if r["schedule"] == schedule and r["mode"] == "gapt" and r["seed"] == 0), None)
@@ -159,8 +164,15 @@ def plot_forgetting(json_path, png_path):
     plt.close(fig)
 
 
-SUMMARY_KEYS = ("val_ce", "val_mbe", "val_answer_ce", "val_ood_answer_ce", "val_exact_match", "val_ood_exact_match",
-                "compressing", "compression_phases")
+SUMMARY_KEYS = ("val_ce", "val_mbe", "val_mbe_all", "val_answer_ce", "val_ood_answer_ce", "val_answer_ce_in_context",
+                "val_ood_answer_ce_in_context", "val_exact_match", "val_ood_exact_match", "compressing",
+                "compression_phases")
+BLOCK_TABLES = {  # per-block lists in the eval rows, and what each table shows
+    "val_mbe_blocks": "validation MBE of each block's output",
+    "val_mbe_centred_blocks": "validation MBE of each block's patches with their mean token removed",
+    "val_top_share_blocks": "the largest eigenvalue's share of each block's patch Gram matrix",
+    "val_mbe_alpha1_blocks": "validation alpha-1 (von Neumann) MBE of each block",
+}
 
 
 def final_metrics(out_dir, rows):
@@ -173,8 +185,9 @@ def final_metrics(out_dir, rows):
     spans = compression_spans(rows, last["iter"])
     metrics["compressing"] = dict(baseline=0.0, iblm=1.0).get(mode, sum(b - a for a, b in spans) / last["iter"])
     metrics["compression_phases"] = dict(baseline=0, iblm=1).get(mode, len(spans))
-    for block, value in enumerate(last.get("val_mbe_blocks", [])):
-        metrics[f"block {block}"] = value
+    for key in BLOCK_TABLES:
+        for block, value in enumerate(last.get(key, [])):
+            metrics[f"{key} {block}"] = value
     path = os.path.join(out_dir, "eval_arithmetic.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -182,11 +195,11 @@ def final_metrics(out_dir, rows):
     return metrics
 
 
-def mode_table(by_mode, keys):
+def mode_table(by_mode, keys, headers=None):
     """Markdown rows: mean ± std of each key over each mode's runs, and the change of the mean
     against the baseline's."""
     means = {mode: {k: np.mean([m[k] for m in ms]) for k in keys} for mode, ms in by_mode.items()}
-    lines = ["| mode | runs | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
+    lines = ["| mode | runs | " + " | ".join(headers or keys) + " |", "|---|---:|" + "---:|" * len(keys)]
     for mode, ms in by_mode.items():
         cells = []
         for k in keys:
@@ -238,10 +251,11 @@ def summarize_runs(run_dirs):
     keys = [k for k in SUMMARY_KEYS if all(k in m for m in runs)]
     lines = [f"final evaluation at iter {sorted({m['iter'] for m in runs})}, mean ± std over runs "
              f"(change of the mean vs baseline)", "", *mode_table(metrics_by_mode, keys)]
-    n_blocks = min(len(m.get("val_mbe_blocks", [])) for m in runs)
-    if n_blocks:
-        lines += ["", "validation MBE of each block's output", "",
-                  *mode_table(metrics_by_mode, [f"block {b}" for b in range(n_blocks)])]
+    for key, title in BLOCK_TABLES.items():
+        n_blocks = min(sum(k.startswith(f"{key} ") for k in m) for m in runs)
+        if n_blocks:
+            lines += ["", title, "", *mode_table(metrics_by_mode, [f"{key} {b}" for b in range(n_blocks)],
+                                                 [f"block {b}" for b in range(n_blocks)])]
     if pending:
         lines += ["", f"not in the tables, no evaluation yet: {', '.join(pending)}"]
     measured = {mode: rs for mode, rs in rows_by_mode.items() if all(any("align_cos" in r for r in rows) for rows in rs)}
