@@ -428,9 +428,12 @@ def patch_spectrum(h, patch_size):
     B, T, C = h.shape
     patches = h.float().view(B, T // patch_size, patch_size, C)  # (B, n_patches, P, C)
     K = patches @ patches.transpose(-1, -2)
-    top_share = torch.linalg.eigvalsh(K)[..., -1] / (K.diagonal(dim1=-2, dim2=-1).sum(-1) + MBE_EPS)
+    # P x P eigenproblems are cheap anywhere; MPS has no eigvalsh, so they go to the CPU there
+    eigenvalues = torch.linalg.eigvalsh(K.cpu() if K.device.type == "mps" else K).to(K.device).clamp(min=0)
+    p = eigenvalues / (eigenvalues.sum(-1, keepdim=True) + MBE_EPS)  # ascending
     centred = patches - patches.mean(-2, keepdim=True)
-    return torch.stack([mbe(patches).mean(), mbe(centred).mean(), top_share.mean(), mbe(patches, alpha=1).mean()])
+    alpha1 = -torch.special.xlogy(p, p).sum(-1)
+    return torch.stack([mbe(patches).mean(), mbe(centred).mean(), p[..., -1].mean(), alpha1.mean()])
 
 
 SPECTRUM_KEYS = ("mbe", "mbe_centred", "top_share", "mbe_alpha1")  # logged per block: val_<key>_blocks

@@ -1621,6 +1621,11 @@ def test_exact_match_is_broken_down_by_operand_digits():
     assert scores["exact_match"] == 0.75  # 3 of the 4 examples are 1 x 1-digit products
 
 
+def test_exact_match_by_digits_reads_the_operands_of_either_format():
+    questions = ["12*3", "4*56", "<bos>12 x 3 ", "<bos>7 x 8 "]  # ours, and the author's `<bos>a x b = `
+    assert sample.exact_match_by_digits(questions, [True, False, True, True]) == {"1x1": 1.0, "1x2": 2 / 3}
+
+
 def test_greedy_decoding_stops_at_the_end_of_example_token():
     model = Calculator(lambda a, b: str(a * b))
     prompts = [ex[:ex.index(ARITH_EQ) + 1] for ex in EXAMPLES]
