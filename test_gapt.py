@@ -960,6 +960,223 @@ def test_the_forgetting_task_runs_from_the_command_line(tmp_path):
     assert "separation" in done.stdout and (tmp_path / "forgetting.json").exists()
 
 
+def author_config(**overrides):
+    """The author's regime (config/forgetting_author.py), shrunk: a finite set, micro-batches, lambda 10
+    under the soft floor, pretraining then fine-tuning."""
+    return toy_config(**{**dict(n_train=64, micro_batches=3, lr=1e-2, mbe_weight=10.0, mbe_softness=0.1,
+                                schedules="pretrain_finetune"), **overrides})
+
+
+def stream_tasks(schedule, cfg, seed=0):
+    n = forgetting.stream_length(schedule, cfg.steps, cfg.micro_batches * cfg.batch_size)
+    return forgetting.make_forgetting_tasks(seed, n_train=n, n_eval=cfg.n_eval)
+
+
+def rows_of(x, pool):
+    """Index in pool of every row of x (each row must be in pool)."""
+    return [int((pool == row).all(1).nonzero()[0]) for row in x]
+
+
+# --- data: streams, finite sets, micro-batches, schedules -------------------------------------------
+def test_the_default_stream_feeds_consecutive_fresh_samples_in_both_schedules():
+    tasks = forgetting.make_forgetting_tasks(0, n_train=4 * 32)
+    seq = list(forgetting.training_batches(tasks, "sequential", 4, 32))
+    mixed = list(forgetting.training_batches(tasks, "mixed", 4, 32))
+    assert torch.equal(seq[1][0], tasks["x1_train"][32:64]) and torch.equal(seq[5][0], tasks["x2_train"][32:64])
+    assert torch.equal(mixed[1][0], torch.cat([tasks["x1_train"][16:32], tasks["x2_train"][16:32]]))
+    # both schedules consume every sample of both streams exactly once
+    for batches in (seq, mixed):
+        seen = torch.cat([x for x, _ in batches])
+        assert len(seen) == 2 * 4 * 32 and len(torch.unique(seen, dim=0)) == len(seen)
+
+
+def test_a_finite_set_is_drawn_from_again_and_again_with_distinct_samples_in_each_batch():
+    tasks = forgetting.make_forgetting_tasks(0, n_train=40)
+    batches = forgetting.training_batches(tasks, "sequential", 10, 32, generator=torch.Generator().manual_seed(0))
+    seen = []
+    for x, y in list(batches)[:10]:  # task 1's steps
+        rows = rows_of(x, tasks["x1_train"])
+        assert len(set(rows)) == 32  # without replacement inside a batch, as the author's get_batch
+        assert torch.equal(y, tasks["y1_train"][rows])  # targets travel with their inputs
+        seen += rows
+    assert len(seen) == 320 and set(seen) == set(range(40))  # 40 samples, each seen about 8 times
+
+
+def test_the_same_seed_draws_the_same_batches_and_another_seed_others():
+    tasks = forgetting.make_forgetting_tasks(0, n_train=100)
+    draw = lambda seed: torch.cat([x for x, _ in forgetting.training_batches(
+        tasks, "mixed", 3, 32, micro_batches=2, generator=torch.Generator().manual_seed(seed))])
+    assert torch.equal(draw(5), draw(5)) and not torch.equal(draw(5), draw(6))
+
+
+def test_a_step_of_micro_batches_is_that_many_batches_each_split_between_the_tasks():
+    tasks = forgetting.make_forgetting_tasks(0, n_train=3 * 2 * 32)
+    x, y = next(forgetting.training_batches(tasks, "mixed", 2, 32, micro_batches=3))
+    assert x.shape == (96, 10) and y.shape == (96, 10)
+    for k in range(3):  # task 1 (dims 0-4 near 1) fills the first half of each micro-batch, task 2 the second
+        first, second = x[32 * k:32 * k + 16], x[32 * k + 16:32 * (k + 1)]
+        assert (first[:, :5].mean() > 0.5) and (second[:, 5:].mean() > 0.5)
+        assert (first[:, 5:].mean() < 0.5) and (second[:, :5].mean() < 0.5)
+
+
+def test_pretrain_finetune_mixes_both_tasks_then_trains_task_1_alone():
+    assert [forgetting.step_tasks("pretrain_finetune", s, 3) for s in range(6)] == [(1, 2)] * 3 + [(1,)] * 3
+    assert [forgetting.step_tasks("sequential", s, 3) for s in range(6)] == [(1,)] * 3 + [(2,)] * 3
+    assert {forgetting.step_tasks("mixed", s, 3) for s in range(6)} == {(1, 2)}
+
+
+@pytest.mark.parametrize("schedule", forgetting.SCHEDULES)
+def test_the_stream_is_sized_to_the_schedule_and_a_short_one_is_an_error(schedule):
+    n = forgetting.stream_length(schedule, 4, 2 * 32)
+    tasks = forgetting.make_forgetting_tasks(0, n_train=n)
+    assert len(list(forgetting.training_batches(tasks, schedule, 4, 32, micro_batches=2))) == 8
+    short = forgetting.make_forgetting_tasks(0, n_train=n - 16)
+    with pytest.raises(ValueError, match="too short"):
+        list(forgetting.training_batches(short, schedule, 4, 32, micro_batches=2))
+
+
+# --- the loss of a step of micro-batches and the soft floor -------------------------------------------
+def test_micro_batch_losses_equal_one_forward_pass_per_micro_batch():
+    torch.manual_seed(0)
+    model, x, y = forgetting.ToyMLP(), torch.randn(3 * 32, 10), torch.randn(3 * 32, 10)
+    l1, m = forgetting.micro_batch_losses(model, x, y, 3, 8)
+    for k in range(3):
+        out, h = model(x[32 * k:32 * (k + 1)])
+        assert torch.allclose(l1[k], F.l1_loss(out, y[32 * k:32 * (k + 1)]))
+        assert torch.allclose(m[k], patch_mbe(h.unsqueeze(0), 8))
+
+
+def test_without_softness_the_penalty_is_iblm_loss_and_with_it_a_soft_floor():
+    l1, m = torch.tensor(0.3), torch.tensor(0.2, requires_grad=True)
+    assert forgetting.penalized_loss(l1, m, 10.0, 0.0) == gapt.iblm_loss(l1, m, 10.0)
+    assert forgetting.penalized_loss(l1, m, 0.0, 0.1) == l1  # no weight, no floor: the memorization phase
+    # far above the floor the soft floor is lambda * MBE itself ...
+    assert math.isclose(forgetting.penalized_loss(l1, m, 10.0, 0.1).item(), 0.3 + 2.0, rel_tol=1e-6)
+    # ... and where lambda * MBE reaches the floor, its gradient is halved
+    at_floor = torch.tensor(forgetting.MBE_FLOOR / 10, requires_grad=True)
+    forgetting.penalized_loss(l1, at_floor, 10.0, 0.1).backward()
+    assert math.isclose(at_floor.grad.item(), 10.0 * 0.5, rel_tol=1e-5)
+
+
+# --- what the gate sees --------------------------------------------------------------------------------
+class RecordingGAPT(GAPT):
+    """The gate, recording every (L1, MBE) it is fed."""
+    seen = []
+
+    def step(self, ce, mbe):
+        RecordingGAPT.seen.append((float(ce), float(mbe)))
+        return super().step(ce, mbe)
+
+
+def gate_feed(monkeypatch, **overrides):
+    """What the gate of a gapt run sees. With lambda = 0 the phases cannot change the training, so runs
+    that differ only in gate_signal train identically and their feeds can be compared."""
+    monkeypatch.setattr(forgetting, "GAPT", RecordingGAPT)
+    RecordingGAPT.seen = []
+    cfg = toy_config(mbe_weight=0.0, **overrides)
+    forgetting.train_forgetting(stream_tasks("mixed", cfg), "gapt", "mixed", cfg)
+    return torch.tensor(RecordingGAPT.seen, dtype=torch.float64)
+
+
+def test_the_batch_gate_sees_every_micro_batch_and_the_step_mean_gate_their_mean(monkeypatch):
+    per_batch = gate_feed(monkeypatch, micro_batches=4, gate_signal="batch")
+    per_step = gate_feed(monkeypatch, micro_batches=4, gate_signal="step_mean")
+    assert per_batch.shape == (2 * 16 * 4, 2) and per_step.shape == (2 * 16, 2)
+    assert torch.allclose(per_batch.view(-1, 4, 2).mean(1), per_step, rtol=1e-5)
+
+
+def test_the_ema_gate_sees_a_moving_average_of_the_step_means(monkeypatch):
+    raw = gate_feed(monkeypatch, micro_batches=2, gate_signal="step_mean")
+    ema = gate_feed(monkeypatch, micro_batches=2, gate_signal="ema", gate_ema=0.8)
+    assert torch.allclose(ema[0], raw[0])
+    for t in range(1, len(raw)):
+        assert torch.allclose(ema[t], 0.8 * ema[t - 1] + 0.2 * raw[t], rtol=1e-5)
+
+
+def test_an_ema_fed_gate_keeps_compressing_through_batch_noise_that_ends_a_batch_fed_phase():
+    # a plateaued loss whose batches alternate +-20%: the raw L1 rises 50% above the phase's best at the
+    # next batch, which the tau rule (10%) reads as forgetting; the EMA of it moves by ~2% only
+    cfg = toy_config(gate_signal="ema", gate_ema=0.9)
+    noisy = [(1.0 + (0.2 if t % 2 else -0.2), 0.5) for t in range(400)]
+    compressing = {}
+    for signal in ("batch", "ema"):
+        gate, smoothed, phases = GAPT(patience_mem=50, patience_comp=1000), None, []
+        for l1, m in noisy:
+            step_mean = torch.tensor([l1, m], dtype=torch.float64)
+            smoothed = forgetting.gate_input(step_mean, smoothed, cfg) if signal == "ema" else step_mean
+            phases.append(int(gate.step(*smoothed)))
+        compressing[signal] = phases.count(2)
+    assert compressing["batch"] < 0.05 * len(noisy) and compressing["ema"] > 0.75 * len(noisy)
+
+
+def test_pretrain_finetune_restarts_the_gate_for_fine_tuning():
+    # a gate that never leaves compression once in it (no tau spike, endless patience): it compresses at
+    # the switch in one run, and starts fine-tuning in memorization when fine-tuning is a new run
+    cfg = forgetting.load_config(["--steps=16", "--eval_interval=8", "--n_eval=64", "--patience_mem=1",
+                                  "--patience_comp=10000", "--tau=1e9", "--delta_ce=1e9"])
+    runs = {s: forgetting.train_forgetting(stream_tasks(s, cfg), "gapt", s, cfg) for s in ("mixed", "pretrain_finetune")}
+    assert runs["mixed"]["phase"][16] == 2 and runs["pretrain_finetune"]["phase"][16] == 1
+    assert runs["pretrain_finetune"]["phase"][15] == 2 and runs["pretrain_finetune"]["phase"][18] == 2
+
+
+# --- the two separations and the runs ---------------------------------------------------------------
+def test_the_training_separation_is_one_seeded_draw_and_the_whole_set_when_the_draw_is():
+    tasks = forgetting.make_forgetting_tasks(0, n_train=48, n_eval=64)
+    torch.manual_seed(0)
+    model = forgetting.ToyMLP()
+    draw = lambda n, seed: forgetting.training_separation(model, tasks, n, seed)
+    assert draw(32, 1) == draw(32, 1) and draw(32, 1) != draw(32, 2)
+    with torch.no_grad():
+        whole = forgetting.separation(model(tasks["x1_train"])[1], model(tasks["x2_train"])[1])
+    assert math.isclose(draw(48, 1), whole, rel_tol=1e-5)
+
+
+def test_every_mode_completes_the_authors_regime_with_finite_metrics():
+    cfg = author_config()
+    tasks = forgetting.make_forgetting_tasks(0, n_train=cfg.n_train, n_eval=cfg.n_eval)
+    for mode in forgetting.FORGET_MODES:
+        r = forgetting.train_forgetting(tasks, mode, "pretrain_finetune", cfg, seed=0)
+        for k in ("separation", "separation_train", "loss1", "loss2", "mbe"):
+            assert math.isfinite(r[k]), (mode, k)
+        assert len(r["phase"]) == 32 and r["forgetting"] is None
+        expected = {"baseline": (0.0, 0.0), "iblm": (1.0, 1.0), "gapt": (1e-9, 1 - 1e-9)}[mode]
+        assert expected[0] <= r["frac_compression"] <= expected[1], (mode, r["frac_compression"])
+
+
+def test_run_forgetting_reports_both_separations_against_the_baseline(tmp_path, capsys):
+    cfg = author_config(seeds=2, schedules="mixed,pretrain_finetune", out_dir=str(tmp_path))
+    result = forgetting.run_forgetting(cfg)
+    with open(tmp_path / "forgetting.json") as f:
+        saved = json.load(f)
+    assert list(saved["summary"]) == ["mixed", "pretrain_finetune"] and len(saved["runs"]) == 2 * 2 * 3
+    gapt_runs = [r for r in saved["runs"] if r["schedule"] == "mixed" and r["mode"] == "gapt"]
+    base = {r["seed"]: r["separation_train"] for r in saved["runs"] if r["schedule"] == "mixed" and r["mode"] == "baseline"}
+    paired = [100 * (r["separation_train"] / base[r["seed"]] - 1) for r in gapt_runs]
+    s = result["summary"]["mixed"]["gapt"]
+    assert math.isclose(s["sep_train_change_pct_paired"][0], sum(paired) / 2, rel_tol=1e-9)
+    assert "sep_change_pct" in s and "sep train" in capsys.readouterr().out
+
+
+def test_the_authors_regime_runs_from_its_config_file(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "experiments.forgetting", "config/forgetting_author.py",
+                           "--seeds=1", "--steps=4", "--micro_batches=2", "--eval_interval=4", "--n_eval=64",
+                           f"--out_dir={tmp_path}"], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "forgetting.json").read_text())["config"]
+    assert (config["n_train"], config["lr"], config["mbe_weight"], config["schedules"]) == (500, 1e-2, 10.0, "pretrain_finetune")
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--n_train=-1", "n_train must be 0"), ("--n_train=16", "n_train must be 0"),
+    ("--micro_batches=0", "micro_batches must be positive"), ("--n_sep_train=0", "n_sep_train must be positive"),
+    ("--schedules=interleaved", "schedules must be"), ("--schedules=mixed,mixed", "schedules must be"),
+    ("--gate_signal=smooth", "gate_signal must be one of"), ("--gate_ema=1", "gate_ema must be in"),
+    ("--mbe_softness=-0.1", "mbe_softness must be")])
+def test_bad_toy_options_are_one_line_config_errors(arg, message):
+    with pytest.raises(gapt.ConfigError, match=message):
+        forgetting.load_config([arg])
+
+
 # -----------------------------------------------------------------------------
 # The benchmark (experiments/bench.py)
 # -----------------------------------------------------------------------------

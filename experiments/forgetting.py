@@ -9,8 +9,16 @@ A student MLP learns two regression tasks whose teachers pull the weights in opp
 (sequential) or interleaved (mixed), with L1 loss alone (baseline), L1 + lambda * MBE always
 (iblm), or gapt.py's GAPT gate switching MBE on and off.
 
+By default every sample is fresh (little to memorize) and each step is one batch of 32. The
+author's public toy code (github.com/fangyuan-ksgk/mod_gpt, src/forget.py and conflict_exp.py)
+works in another regime, which config/forgetting_author.py writes out: 500 training samples per
+task drawn again and again, Adam at 1e-2, steps of 32 micro-batches, lambda = 10 under a soft floor,
+pretraining on the mixture and then fine-tuning on task 1, and separation measured on one draw of
+32 + 32 training samples (reported here next to ours, on 1,000 + 1,000 held-out samples).
+
     python -m experiments.forgetting                 # 5 seeds x 2 schedules x 3 modes, about 35 s on a CPU
     python -m experiments.forgetting --seeds=1 --steps=200
+    python -m experiments.forgetting config/forgetting_author.py --out_dir=out-forgetting-author
     python -m experiments.report --runs=out-forgetting --file=assets/forgetting.png
 """
 
@@ -24,17 +32,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gapt import GAPT, ConfigError, iblm_loss, mbe_weight_for, parse_config, patch_mbe
+from gapt import GAPT, ConfigError, iblm_loss, mbe, mbe_weight_for, parse_config, patch_mbe
 
 DEFAULTS = dict(
     out_dir="out-forgetting",  # forgetting.json (every number and curve) goes here
     seeds=5,  # seeds 0..n-1; a seed fixes teacher, shift, data and batches for every mode
-    steps=1000,  # optimizer steps per task; both schedules run 2 * steps steps
-    batch_size=32,  # samples per step; this batch is the "sequence" MBE is taken over (paper: 32)
+    steps=1000,  # optimizer steps per task (per phase); every schedule runs 2 * steps steps
+    schedules="sequential,mixed",  # comma-separated, from SCHEDULES (author: pretrain_finetune)
+    n_train=0,  # training samples per task: 0 = a fresh stream, each seen once; else a finite set drawn from at random (author: 500)
+    batch_size=32,  # samples per micro-batch; this batch is the "sequence" MBE is taken over (paper: 32)
+    micro_batches=1,  # micro-batches per optimizer step, their losses averaged (author: 32)
     patch_size=8,  # MBE patch length inside the batch (paper: 8, max MBE = log 8)
-    lr=1e-3,  # Adam learning rate, fixed (no schedule: the task switch is the only event)
-    mbe_weight=1.0,  # lambda of L1 + lambda * MBE for iblm and for gapt's compression phase (paper: 1)
+    lr=1e-3,  # Adam learning rate, fixed (no schedule: the task switch is the only event) (author: 1e-2)
+    mbe_weight=1.0,  # lambda of L1 + lambda * MBE for iblm and for gapt's compression phase (paper: 1, author: 10)
+    mbe_softness=0.0,  # s > 0: the author's soft floor, lambda * MBE -> 1e-5 + s * softplus((lambda * MBE - 1e-5) / s) (author: 0.1)
     n_eval=1000,  # held-out samples per distribution for separation, losses and MBE
+    n_sep_train=32,  # training samples per task, one draw, for the author's separation (author: 32)
     eval_interval=20,  # steps between points of the logged curves
     delta_ce=0.01,  # gate: an L1 drop smaller than this is no progress (paper's value)
     delta_mbe=0.002,  # gate: an MBE drop smaller than this is no progress (paper's value)
@@ -43,10 +56,18 @@ DEFAULTS = dict(
     patience_mem=70,  # gate: steps without L1 progress before compressing
     patience_comp=70,  # gate: steps without MBE progress before memorizing again
     tau=0.1,  # gate: relative L1 rise that aborts compression (paper's value)
+    gate_signal="batch",  # what the gate sees: 'batch' (every micro-batch, as now and as the author), 'step_mean', 'ema'; patience counts its calls
+    gate_ema=0.9,  # with gate_signal='ema': decay of the moving average of the step means (0.9: ~10 steps)
 )
-POSITIVE = ("seeds", "steps", "batch_size", "patch_size", "n_eval", "eval_interval")
+POSITIVE = ("seeds", "steps", "batch_size", "micro_batches", "patch_size", "n_eval", "n_sep_train", "eval_interval")
 FORGET_MODES = ("baseline", "iblm", "gapt")
+# sequential: task 1, then task 2. mixed: every batch half of each (the default table's two).
+# pretrain_finetune (the author's): mixed, then task 1 alone, restarting Adam and the gate at the
+# switch as the author's two runs (pretraining, fine-tuning) do.
 FORGET_SCHEDULES = ("sequential", "mixed")
+SCHEDULES = FORGET_SCHEDULES + ("pretrain_finetune",)
+GATE_SIGNALS = ("batch", "step_mean", "ema")
+MBE_FLOOR = 1e-5  # the author's floor under lambda * MBE (src/forget.py)
 PAPER_SEPARATION_GAIN_PCT = 97.0  # the paper's headline for this toy, GAPT vs baseline
 
 
@@ -106,10 +127,10 @@ def teacher_targets(theta, x):
 
 
 def make_forgetting_tasks(seed, n_train=32000, n_eval=1000):
-    """Everything random about one seed: the student's start theta0, both tasks' training streams
-    (n_train samples each, consumed in order, so every mode sees the same batches) and a held-out
-    evaluation set per task, drawn from its own generator so it does not depend on n_train.
-    Defaults match steps * batch_size and n_eval."""
+    """Everything random about one seed: the student's start theta0, both tasks' training samples
+    (n_train each: a stream consumed in order or a finite set drawn from, the same for every mode)
+    and a held-out evaluation set per task, drawn from its own generator so it does not depend on
+    n_train. Defaults match steps * batch_size and n_eval."""
     g = torch.Generator().manual_seed(seed)
     theta0 = random_init(g)
     dtheta = random_shift(theta0, g)
@@ -135,22 +156,47 @@ def separation(h1, h2):
     return (between / torch.sqrt(within + 1e-12)).item()
 
 
-def training_batches(tasks, schedule, steps_per_task, batch_size):
-    """Yields 2 * steps_per_task (x, y) batches. Sequential: task 1's stream, then task 2's.
-    Mixed: every batch is half task 1, half task 2, in that order, so both schedules consume
-    exactly the same samples. With batch_size/2 a multiple of the patch size, no MBE patch mixes
-    the tasks: MBE measures within-task entropy in both schedules (a mixed patch would instead
-    reward making the two tasks' representations parallel, i.e. less separated)."""
-    half = batch_size // 2
-    for step in range(2 * steps_per_task):
-        if schedule == "sequential":
-            task, i = (1, step) if step < steps_per_task else (2, step - steps_per_task)
-            rows = slice(i * batch_size, (i + 1) * batch_size)
-            yield tasks[f"x{task}_train"][rows], tasks[f"y{task}_train"][rows]
+def step_tasks(schedule, step, steps_per_task):
+    """The tasks one step's batches come from, in the order they fill each batch."""
+    first_half = step < steps_per_task
+    if schedule == "sequential":
+        return (1,) if first_half else (2,)
+    if schedule == "pretrain_finetune":
+        return (1, 2) if first_half else (1,)
+    return (1, 2)
+
+
+def stream_length(schedule, steps_per_task, step_samples):
+    """Fresh samples the busiest task gives a run: steps * step_samples in the sequential and mixed
+    schedules; pretrain_finetune takes half of that from task 1 in pretraining, then all of it."""
+    return steps_per_task * step_samples * (3 if schedule == "pretrain_finetune" else 2) // 2
+
+
+def training_batches(tasks, schedule, steps_per_task, batch_size, micro_batches=1, generator=None):
+    """Yields 2 * steps_per_task (x, y) steps of micro_batches batches of batch_size samples, one
+    batch after the other. A batch of one task's samples, or half task 1 then half task 2 (mixed
+    steps), so that with batch_size / 2 a multiple of the patch size no MBE patch mixes the tasks:
+    MBE measures within-task entropy in every schedule (a mixed patch would instead reward making
+    the two tasks' representations parallel, i.e. less separated). Without a generator each task's
+    samples are a stream consumed in order, so sequential and mixed consume the same samples; with
+    one, every batch draws distinct samples of each task's finite set at random (the author's
+    get_batch), the same draws for every mode of a seed."""
+    cursor = {1: 0, 2: 0}
+
+    def take(task, n):
+        if generator is None:
+            rows = slice(cursor[task], cursor[task] + n)
+            cursor[task] += n
+            if cursor[task] > len(tasks[f"x{task}_train"]):
+                raise ValueError(f"task {task}'s stream is too short for this schedule: size it with stream_length")
         else:
-            rows = slice(step * half, (step + 1) * half)
-            yield (torch.cat([tasks["x1_train"][rows], tasks["x2_train"][rows]]),
-                   torch.cat([tasks["y1_train"][rows], tasks["y2_train"][rows]]))
+            rows = torch.randperm(len(tasks[f"x{task}_train"]), generator=generator)[:n]
+        return tasks[f"x{task}_train"][rows], tasks[f"y{task}_train"][rows]
+
+    for step in range(2 * steps_per_task):
+        task_ids = step_tasks(schedule, step, steps_per_task)
+        parts = [take(task, batch_size // len(task_ids)) for _ in range(micro_batches) for task in task_ids]
+        yield torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
 
 @torch.no_grad()
@@ -167,20 +213,64 @@ def evaluate_forgetting(model, tasks, patch_size):
     )
 
 
-def train_forgetting(tasks, mode, schedule, cfg):
+@torch.no_grad()
+def training_separation(model, tasks, n, seed):
+    """The author's separation: one random draw of n training samples per task (the same draw for
+    every mode of a seed). In the fresh-stream regime a training sample was seen at most once."""
+    g = torch.Generator().manual_seed(2_000_000 + seed)
+    h1, h2 = (model(tasks[f"x{task}_train"][torch.randperm(len(tasks[f"x{task}_train"]), generator=g)[:n]])[1]
+              for task in (1, 2))
+    return separation(h1, h2)
+
+
+def micro_batch_losses(model, x, y, micro_batches, patch_size):
+    """L1 and patch MBE of each micro-batch, (K,) each, from one forward pass over the step's
+    samples: the weights do not change between micro-batches, so this is K forward passes in one."""
+    out, h = model(x)
+    l1 = (out - y).abs().view(micro_batches, -1).mean(1)
+    # (K * B, 20) -> (K, B / P, P, 20): each micro-batch is a "sequence" cut into patches, as patch_mbe does
+    m = mbe(h.view(micro_batches, -1, patch_size, h.size(-1))).mean(1)
+    return l1, m
+
+
+def penalized_loss(l1, m, weight, softness):
+    """iblm_loss, or with softness > 0 the author's soft floor on weight * MBE, whose gradient fades
+    to half as weight * MBE falls below ~softness (src/forget.py, use_softplus)."""
+    if softness == 0 or not weight:
+        return iblm_loss(l1, m, weight)
+    return l1 + MBE_FLOOR + softness * F.softplus((weight * m - MBE_FLOOR) / softness)
+
+
+def gate_input(step_mean, previous, cfg):
+    """(L1, MBE) the gate sees once per step: the mean over the step's micro-batches, or with
+    gate_signal='ema' its moving average (starting at the first step's), so that the tau rule reacts
+    to the loss and not to the noise of a 32-sample batch."""
+    if previous is None or cfg.gate_signal == "step_mean":
+        return step_mean
+    return cfg.gate_ema * previous + (1 - cfg.gate_ema) * step_mean
+
+
+def new_optimizer_and_gate(model, cfg):
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr), GAPT(
+        delta_ce=cfg.delta_ce, delta_mbe=cfg.delta_mbe, patience_mem=cfg.patience_mem,
+        patience_comp=cfg.patience_comp, tau=cfg.tau)
+
+
+def train_forgetting(tasks, mode, schedule, cfg, seed=0):
     """One run: the student starts at theta0 and is trained with Adam on L1 (+ w * MBE) over the
-    schedule's batches. Returns final metrics and curves."""
-    steps_per_task, P = cfg.steps, cfg.patch_size
+    schedule's batches; with n_train > 0, seed fixes the draws from the finite sets. Returns final
+    metrics and curves."""
+    steps_per_task, P, K = cfg.steps, cfg.patch_size, cfg.micro_batches
     model = ToyMLP()
     model.load_state_dict(tasks["theta0"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # One gate for the whole run, also across the task switch: the learner is not told that the
-    # task changed, the gate must notice it from the loss like any other change.
-    gate = GAPT(delta_ce=cfg.delta_ce, delta_mbe=cfg.delta_mbe,
-                patience_mem=cfg.patience_mem, patience_comp=cfg.patience_comp,
-                tau=cfg.tau)
+    # task changed, the gate must notice it from the loss like any other change. Only
+    # pretrain_finetune starts both again, the author's fine-tuning being a run of its own.
+    optimizer, gate = new_optimizer_and_gate(model, cfg)
+    smoothed = None  # gate_signal='ema': the moving average of (L1, MBE) the gate sees
     curve = dict(step=[], separation=[], loss1=[], loss2=[], mbe=[])
-    phases = []  # per step: 2 if MBE was in the loss, else 1 (baseline all 1, iblm all 2)
+    phases = []  # per step: 2 if MBE was in the loss (of any micro-batch), else 1 (baseline all 1, iblm all 2)
+    n_compressing = 0  # micro-batches with MBE in the loss
     after_task1 = None
 
     def log_point(step):
@@ -190,29 +280,42 @@ def train_forgetting(tasks, mode, schedule, cfg):
             curve[k].append(metrics[k])
         return metrics
 
-    batches = training_batches(tasks, schedule, steps_per_task, cfg.batch_size)
+    reuse = torch.Generator().manual_seed(seed) if cfg.n_train else None
+    batches = training_batches(tasks, schedule, steps_per_task, cfg.batch_size, K, reuse)
     for step, (x, y) in enumerate(batches):
         if step % cfg.eval_interval == 0:
             log_point(step)
         if schedule == "sequential" and step == steps_per_task:
             after_task1 = evaluate_forgetting(model, tasks, P)  # reference for forgetting
-        out, h = model(x)
-        l1 = F.l1_loss(out, y)
-        m = patch_mbe(h.unsqueeze(0), P)  # (32, 20) -> (1, 32, 20): the batch is the sequence
-        w = mbe_weight_for(mode, cfg.mbe_weight, gate)
-        loss = iblm_loss(l1, m, w)
+        if schedule == "pretrain_finetune" and step == steps_per_task:
+            optimizer, gate = new_optimizer_and_gate(model, cfg)  # fine-tuning is a new run
+            smoothed = None
+        l1, m = micro_batch_losses(model, x, y, K, P)
+        if mode == "gapt" and cfg.gate_signal == "batch":
+            # each micro-batch gets the phase the gate is in when it comes, then moves the gate
+            weights = []
+            for k in range(K):
+                weights.append(mbe_weight_for(mode, cfg.mbe_weight, gate))
+                gate.step(l1[k].detach(), m[k].detach())
+        else:
+            weights = [mbe_weight_for(mode, cfg.mbe_weight, gate)] * K
+            if mode == "gapt":  # one gate step per optimizer step
+                smoothed = gate_input(torch.stack([l1.mean(), m.mean()]).detach(), smoothed, cfg)
+                gate.step(*smoothed)
+        loss = sum(penalized_loss(l1[k], m[k], weights[k], cfg.mbe_softness) for k in range(K)) / K
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        phases.append(2 if w else 1)
-        if mode == "gapt":
-            gate.step(l1.detach(), m.detach())
+        compressing = sum(bool(w) for w in weights)
+        phases.append(2 if compressing else 1)
+        n_compressing += compressing
     final = log_point(2 * steps_per_task)
     return dict(
         **final,
+        separation_train=training_separation(model, tasks, cfg.n_sep_train, seed),
         # how much task 1's held-out loss rose while training on task 2 (sequential only)
         forgetting=final["loss1"] - after_task1["loss1"] if after_task1 else None,
-        frac_compression=sum(p == 2 for p in phases) / len(phases),
+        frac_compression=n_compressing / (K * len(phases)),
         curve=curve,
         phase=phases,
     )
@@ -224,39 +327,47 @@ def mean_std(values):
     return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
 
 
+def change_vs_baseline(runs, baseline_runs, key):
+    """The paper's kind of number, the change of the mean of `key` against the baseline's, and its
+    mean ± std against the same seed's baseline (paired: same data and batches), in %."""
+    base = {r["seed"]: r[key] for r in baseline_runs}
+    return (100 * (mean_std([r[key] for r in runs])[0] / mean_std(list(base.values()))[0] - 1),
+            mean_std([100 * (r[key] / base[r["seed"]] - 1) for r in runs]))
+
+
 def summarize_forgetting(runs):
-    """Mean/std over seeds per (schedule, mode), and separation relative to the baseline."""
-    metrics = ("separation", "loss1", "loss2", "forgetting", "mbe", "frac_compression")
+    """Mean/std over seeds per (schedule, mode), and both separations relative to the baseline."""
+    metrics = ("separation", "separation_train", "loss1", "loss2", "forgetting", "mbe", "frac_compression")
     summary = {}
-    for schedule in FORGET_SCHEDULES:
+    for schedule in dict.fromkeys(r["schedule"] for r in runs):
         by_mode = {mode: [r for r in runs if r["schedule"] == schedule and r["mode"] == mode] for mode in FORGET_MODES}
-        base_sep = {r["seed"]: r["separation"] for r in by_mode["baseline"]}
         summary[schedule] = {}
         for mode, rs in by_mode.items():
             s = {k: mean_std([r[k] for r in rs]) for k in metrics if rs[0][k] is not None}
-            # the paper's kind of number: change of the mean separation ...
-            s["sep_change_pct"] = 100 * (s["separation"][0] / mean_std(list(base_sep.values()))[0] - 1)
-            # ... and its spread, against the same seed's baseline (paired: same data and batches)
-            s["sep_change_pct_paired"] = mean_std([100 * (r["separation"] / base_sep[r["seed"]] - 1) for r in rs])
+            s["sep_change_pct"], s["sep_change_pct_paired"] = change_vs_baseline(rs, by_mode["baseline"], "separation")
+            s["sep_train_change_pct"], s["sep_train_change_pct_paired"] = change_vs_baseline(
+                rs, by_mode["baseline"], "separation_train")
             summary[schedule][mode] = s
     return summary
 
 
 def print_forgetting_table(summary, n_seeds):
     fmt = lambda ms: f"{ms[0]:7.3f} ± {ms[1]:5.3f}"
-    print(f"\nConflicting memories, {n_seeds} seeds, mean ± std over seeds "
-          f"(L1 and MBE on held-out data; forgetting = task-1 L1 rise during task 2)")
-    header = f"{'schedule':<11}{'mode':<9}{'separation':>16}{'task1 L1':>16}{'task2 L1':>16}" \
-             f"{'forgetting':>16}{'MBE':>16}{'comp%':>7}  sep vs baseline"
+    change = lambda s, key: f"{s[key]:+6.1f}% (paired {s[key + '_paired'][0]:+.1f} ± {s[key + '_paired'][1]:.1f}%)"
+    print(f"\nConflicting memories, {n_seeds} seeds, mean ± std over seeds (L1 and MBE on held-out data; "
+          f"forgetting = task-1 L1 rise during task 2; sep train = on one draw of training samples)")
+    header = f"{'schedule':<18}{'mode':<9}{'separation':>16}{'sep train':>16}{'task1 L1':>16}{'task2 L1':>16}" \
+             f"{'forgetting':>16}{'MBE':>16}{'comp%':>7}  {'sep vs baseline':<33}sep train vs baseline"
     print(header)
     print("-" * len(header))
     for schedule, modes in summary.items():
         for mode, s in modes.items():
             forgetting = fmt(s["forgetting"]) if "forgetting" in s else f"{'-':>15}"
-            change = (f"{s['sep_change_pct']:+6.1f}% (paired {s['sep_change_pct_paired'][0]:+.1f} ± "
-                      f"{s['sep_change_pct_paired'][1]:.1f}%)" if mode != "baseline" else "-")
-            print(f"{schedule:<11}{mode:<9}{fmt(s['separation']):>16}{fmt(s['loss1']):>16}{fmt(s['loss2']):>16}"
-                  f"{forgetting:>16}{fmt(s['mbe']):>16}{100 * s['frac_compression'][0]:6.0f}%  {change}")
+            changes = (f"{change(s, 'sep_change_pct'):<33}{change(s, 'sep_train_change_pct')}"
+                       if mode != "baseline" else "-")
+            print(f"{schedule:<18}{mode:<9}{fmt(s['separation']):>16}{fmt(s['separation_train']):>16}"
+                  f"{fmt(s['loss1']):>16}{fmt(s['loss2']):>16}{forgetting:>16}{fmt(s['mbe']):>16}"
+                  f"{100 * s['frac_compression'][0]:6.0f}%  {changes}")
     print(f"paper: GAPT improves separation by +{PAPER_SEPARATION_GAIN_PCT:.0f}% over the baseline")
 
 
@@ -266,12 +377,12 @@ def run_forgetting(cfg):
     t0 = time.time()
     runs = []
     for seed in range(cfg.seeds):
-        tasks = make_forgetting_tasks(seed, n_train=cfg.steps * cfg.batch_size,
-                                      n_eval=cfg.n_eval)
-        for schedule in FORGET_SCHEDULES:
+        for schedule in cfg.schedules.split(","):
+            n_train = cfg.n_train or stream_length(schedule, cfg.steps, cfg.micro_batches * cfg.batch_size)
+            tasks = make_forgetting_tasks(seed, n_train=n_train, n_eval=cfg.n_eval)
             for mode in FORGET_MODES:
                 runs.append(dict(seed=seed, schedule=schedule, mode=mode,
-                                 **train_forgetting(tasks, mode, schedule, cfg)))
+                                 **train_forgetting(tasks, mode, schedule, cfg, seed)))
     summary = summarize_forgetting(runs)
     print_forgetting_table(summary, cfg.seeds)
     result = dict(
@@ -297,6 +408,19 @@ def load_config(argv):
     if cfg.batch_size % (2 * cfg.patch_size):
         raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of 2 * patch_size "
                          f"({2 * cfg.patch_size}), so that no MBE patch of a mixed batch mixes the two tasks")
+    schedules = cfg.schedules.split(",")
+    if not set(schedules) <= set(SCHEDULES) or len(set(schedules)) != len(schedules):
+        raise ConfigError(f"schedules must be distinct names from {','.join(SCHEDULES)}, "
+                          f"comma-separated, got {cfg.schedules!r}")
+    if cfg.n_train and cfg.n_train < max(cfg.batch_size, cfg.n_sep_train):
+        raise ConfigError(f"n_train must be 0 (a fresh stream) or at least batch_size and n_sep_train "
+                          f"({max(cfg.batch_size, cfg.n_sep_train)}): a draw takes distinct samples, got {cfg.n_train}")
+    if cfg.gate_signal not in GATE_SIGNALS:
+        raise ConfigError(f"gate_signal must be one of {', '.join(GATE_SIGNALS)}, got {cfg.gate_signal!r}")
+    if not 0 <= cfg.gate_ema < 1:
+        raise ConfigError(f"gate_ema must be in [0, 1) (0: no smoothing), got {cfg.gate_ema}")
+    if cfg.mbe_softness < 0:
+        raise ConfigError(f"mbe_softness must be >= 0 (0: no floor), got {cfg.mbe_softness}")
     return cfg
 
 

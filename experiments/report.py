@@ -150,7 +150,8 @@ def plot_forgetting(json_path, png_path):
             ax.axvline(steps_per_task, color="k", ls=":", lw=1)
             ax.text(steps_per_task, 0.5, switch, transform=ax.get_xaxis_transform(),
                     rotation=90, ha="right", va="center", fontsize=8)
-        # where the GAPT gate compressed (seed 0), as ticks along the bottom
+        # where the GAPT gate compressed (seed 0), as ticks along the bottom: a step with MBE in the
+        # loss of any of its micro-batches
         gapt0 = next((r for r in runs if r["schedule"] == schedule and r["mode"] == "gapt" and r["seed"] == 0), None)
         if gapt0:
             on = [i for i, p in enumerate(gapt0["phase"]) if p == 2]
@@ -158,7 +159,7 @@ def plot_forgetting(json_path, png_path):
         ax.set_xlabel("step")
         ax.set_ylabel("separation (mean over seeds)")
         ax.set_title(f"{schedule} schedule: separation during training\n"
-                     "(red ticks: steps in GAPT's compression phase, seed 0)", fontsize=9)
+                     "(red ticks: steps GAPT compressed in, any micro-batch, seed 0)", fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
