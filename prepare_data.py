@@ -2,7 +2,7 @@
 Prepare the datasets that gapt.py trains on. Everything reaches gapt.py through this script, as
 nanoGPT-style files under <data_dir>/<name>/:
 
-    train.bin, val.bin (and val_ood.bin for arithmetic)   headerless np.uint16 token ids
+    train.bin, val.bin (and val_ood.bin, test_ood.bin for arithmetic)   headerless np.uint16 token ids
     meta.json                                              tokenizer, vocab size, eot id, counts, command
 
 Three commands:
@@ -133,11 +133,12 @@ def split_examples(tokens, eot_token):
 
 def answer_sets(data_dir, name, meta, n_examples):
     """Arithmetic data (a character vocabulary with '='): {split: (its first n_examples examples,
-    the id of '=')} for val and val_ood, which gapt.py scores by answer CE; {} for text."""
+    the id of '=')} for val, val_ood and test_ood (when present), which gapt.py scores by answer CE;
+    {} for text."""
     if meta is None or not isinstance(meta.get("tokenizer"), list) or "=" not in meta["tokenizer"]:
         return {}
     sets = {}
-    for split in ("val", "val_ood"):
+    for split in ("val", "val_ood", "test_ood"):
         path = os.path.join(data_dir, name, f"{split}.bin")
         if os.path.exists(path):
             examples = split_examples(np.fromfile(path, dtype=np.uint16), meta["eot_token"])
@@ -307,8 +308,9 @@ ARITHMETIC_FORMATS = {
 }
 # Operand digit counts per split, the same in both formats. Held-out splits come first: in our format
 # each split avoids every example of the splits before it, so neither val nor val_ood shares an
-# example with train.
-SPLIT_DIGITS = {"val": (1, 3), "val_ood": (4, 6), "train": (1, 3)}
+# example with train. test_ood, a second OOD draw written last (so the other files do not change),
+# is for measuring the author's leak, choosing steps on an OOD *test* loss, without touching val_ood.
+SPLIT_DIGITS = {"val": (1, 3), "val_ood": (4, 6), "train": (1, 3), "test_ood": (4, 6)}
 EXAMPLES_PER_CHUNK = 100_000  # encoded at once: memory stays small at any --n_train (the author used 10M)
 
 
@@ -366,7 +368,7 @@ def write_examples(f, a, b, split, fmt):
 
 def prepare_arithmetic(args, out_dir, command):
     fmt = ARITHMETIC_FORMATS[args.format]
-    sizes = {"val": args.n_val, "val_ood": args.n_val, "train": args.n_train}
+    sizes = {"val": args.n_val, "val_ood": args.n_val, "train": args.n_train, "test_ood": args.n_val}
     counts = {}
     seen = np.empty(0, dtype=np.int64)
     with atomic_outputs(out_dir, [f"{split}.bin" for split in SPLIT_DIGITS] + ["meta.json"]) as out:
@@ -433,11 +435,11 @@ def build_parser():
     local.add_argument("--sample_by", choices=["paragraph", "document", "line"], default="paragraph",
                        help=".txt only: a document is a paragraph (text between blank lines), a file, or a line")
     arithmetic = commands.add_parser("arithmetic", parents=[common], formatter_class=HelpFormatter,
-                                     help="a*b=c examples: train and val 1-3 digit operands, val_ood 4-6")
+                                     help="a*b=c examples: train and val 1-3 digit operands, val_ood and test_ood 4-6")
     arithmetic.add_argument("--n_train", type=positive_int, default=1_000_000,
                             help="training examples (the author used 10,000,000)")
     arithmetic.add_argument("--n_val", type=positive_int, default=10_000,
-                            help="examples in val, and again in val_ood (the author used 10,000)")
+                            help="examples in val, and again in val_ood and test_ood (the author used 10,000)")
     arithmetic.add_argument("--format", choices=ARITHMETIC_FORMATS, default="ours",
                             help="ours: `a*b=c\\n`, one-digit operands 0-9, no val or val_ood pair in train; "
                                  "author: `<bos>a x b = c<eos>` and the ids of the author's data/arithmetic.py, "

@@ -1459,6 +1459,9 @@ def test_help_documents_every_option_with_its_default(tmp_path):
 
 # ---- arithmetic ----
 
+SPLITS = ["train", "val", "val_ood", "test_ood"]  # the files prepare_data.py arithmetic writes
+
+
 def arithmetic_lines(out, split):
     chars = json.loads((out / "meta.json").read_text())["tokenizer"]
     text = "".join(chars[i] for i in read_bin(out / f"{split}.bin"))
@@ -1474,7 +1477,8 @@ def arithmetic(tmp_path_factory):
 
 
 def test_arithmetic_every_line_is_a_correct_product_with_the_split_digit_ranges(arithmetic):
-    for split, (lo, hi), n in [("train", (1, 3), 20000), ("val", (1, 3), 2000), ("val_ood", (4, 6), 2000)]:
+    for split, (lo, hi), n in [("train", (1, 3), 20000), ("val", (1, 3), 2000), ("val_ood", (4, 6), 2000),
+                               ("test_ood", (4, 6), 2000)]:
         lines = arithmetic_lines(arithmetic, split)
         assert len(lines) == n
         operands = []
@@ -1500,20 +1504,21 @@ def test_arithmetic_heldout_examples_never_appear_in_train(arithmetic):
     train = set(arithmetic_lines(arithmetic, "train"))
     assert not train & set(arithmetic_lines(arithmetic, "val"))
     assert not train & set(arithmetic_lines(arithmetic, "val_ood"))
+    assert not set(arithmetic_lines(arithmetic, "test_ood")) & set(arithmetic_lines(arithmetic, "val_ood"))
 
 
 def test_arithmetic_meta_matches_the_files(arithmetic):
     meta = json.loads((arithmetic / "meta.json").read_text())
     assert meta["tokenizer"] == list("0123456789*=\n") and meta["vocab_size"] == 13 and meta["eot_token"] == 12
     assert meta["dtype"] == "uint16"
-    assert meta["tokens"] == {s: os.path.getsize(arithmetic / f"{s}.bin") // 2 for s in ["train", "val", "val_ood"]}
+    assert meta["tokens"] == {s: os.path.getsize(arithmetic / f"{s}.bin") // 2 for s in SPLITS}
     assert meta["command"].startswith("python prepare_data.py arithmetic --n_train 20000")
 
 
 def test_arithmetic_same_seed_gives_identical_files(tmp_path, arithmetic):
     prepare(tmp_path / "same", "arithmetic", "--n_train", "20000", "--n_val", "2000", "--seed", "3")
     prepare(tmp_path / "other", "arithmetic", "--n_train", "20000", "--n_val", "2000", "--seed", "4")
-    for split in ["train", "val", "val_ood"]:
+    for split in SPLITS:
         same = (tmp_path / f"same/data/arithmetic/{split}.bin").read_bytes()
         assert same == (arithmetic / f"{split}.bin").read_bytes()
         assert same != (tmp_path / f"other/data/arithmetic/{split}.bin").read_bytes()
@@ -1545,7 +1550,7 @@ def author(tmp_path_factory):
 
 
 def test_author_format_writes_bos_a_x_b_eq_c_eos_with_the_true_product_and_the_authors_ids(author):
-    for split, n in [("train", 20000), ("val", 2000), ("val_ood", 2000)]:
+    for split, n in [("train", 20000), ("val", 2000), ("val_ood", 2000), ("test_ood", 2000)]:
         found = examples(author, split)
         assert len(found) == n
         for a, b, c in found:
@@ -1557,7 +1562,7 @@ def test_author_format_writes_bos_a_x_b_eq_c_eos_with_the_true_product_and_the_a
 
 
 def test_author_operands_have_1_to_3_digits_uniformly_4_to_6_in_val_ood_and_no_zero(author):
-    for split, (lo, hi) in [("train", (1, 3)), ("val", (1, 3)), ("val_ood", (4, 6))]:
+    for split, (lo, hi) in [("train", (1, 3)), ("val", (1, 3)), ("val_ood", (4, 6)), ("test_ood", (4, 6))]:
         operands = [x for a, b, _ in examples(author, split) for x in (a, b)]
         digit_share = np.bincount([len(x) for x in operands], minlength=hi + 1)[lo:] / len(operands)
         assert len(digit_share) == hi - lo + 1 and np.allclose(digit_share, 1 / 3, atol=0.03)  # train too
@@ -1576,9 +1581,9 @@ def test_author_meta_is_read_back_and_answer_sets_cut_whole_examples_after_the_p
     data_dir = str(author.parent)
     meta = prepare_data.read_meta(data_dir, "arithmetic")
     assert meta["tokenizer"] == AUTHOR_TOKENS and meta["vocab_size"] == 15 and meta["eot_token"] == 1
-    assert meta["tokens"] == {s: os.path.getsize(author / f"{s}.bin") // 2 for s in ["train", "val", "val_ood"]}
+    assert meta["tokens"] == {s: os.path.getsize(author / f"{s}.bin") // 2 for s in SPLITS}
     sets = prepare_data.answer_sets(data_dir, "arithmetic", meta, 50)
-    assert set(sets) == {"val", "val_ood"}
+    assert set(sets) == {"val", "val_ood", "test_ood"}
     for split, (cut, eq) in sets.items():
         assert eq == 3 and len(cut) == 50
         for example, (a, b, c) in zip(cut, examples(author, split)):
@@ -1605,7 +1610,7 @@ def test_gapt_trains_and_scores_answers_on_the_author_format(tmp_path):
 
 def test_the_default_format_is_ours_and_unchanged_by_the_option(tmp_path, arithmetic):
     prepare(tmp_path, "arithmetic", "--format", "ours", "--n_train", "20000", "--n_val", "2000", "--seed", "3")
-    for split in ["train", "val", "val_ood"]:  # the fixture was written without --format
+    for split in SPLITS:  # the fixture was written without --format
         assert (tmp_path / f"data/arithmetic/{split}.bin").read_bytes() == (arithmetic / f"{split}.bin").read_bytes()
     meta = json.loads((tmp_path / "data/arithmetic/meta.json").read_text())
     assert meta["tokenizer"] == list("0123456789*=\n") and meta["vocab_size"] == 13 and meta["eot_token"] == 12
@@ -1889,7 +1894,7 @@ def test_a_text_checkpoint_samples_with_gpt2_bpe(text_run):
 
 def test_eval_arithmetic_prints_and_writes_the_table(arith_run, capsys):
     rows = sample.main([f"--out_dir={arith_run['out_dir']}", "--eval=arithmetic", "--n=6", "--device=cpu"])
-    assert [r["split"] for r in rows] == ["val", "val_ood"]
+    assert [r["split"] for r in rows] == ["val", "val_ood", "test_ood"]
     for r in rows:
         assert r["examples"] == 6 and 0 <= r["exact_match"] <= 1 and r["answer_ce"] > 0 and r["length_error"] >= 0
     written = json.loads(open(os.path.join(arith_run["out_dir"], "eval_arithmetic.json")).read())
@@ -1904,6 +1909,7 @@ def test_eval_answer_ce_is_the_one_logged_in_training(arith_run):
     logged = [row for row in log if row.get("event") == "eval"][-1]
     assert rows[0]["answer_ce"] == pytest.approx(logged["val_answer_ce"], rel=1e-5)
     assert rows[1]["answer_ce"] == pytest.approx(logged["val_ood_answer_ce"], rel=1e-5)
+    assert rows[2]["answer_ce"] == pytest.approx(logged["test_ood_answer_ce"], rel=1e-5)
     assert rows[0]["answer_ce_in_context"] == pytest.approx(logged["val_answer_ce_in_context"], rel=1e-5)
     assert "answer_ce_in_context" not in rows[1] and "val_ood_answer_ce_in_context" not in logged  # 32 < 2 x 19
 
@@ -1997,15 +2003,29 @@ def test_the_summary_table_reports_the_final_evaluation_per_mode_and_the_change_
         write_run_log(tmp_path / name, mode, seed, ood)
     table = report.summarize_runs([str(tmp_path / n) for n in ("b1", "b2", "g1")])
     assert "at iter [10]" in table
-    assert "| baseline | 2 | 2.0000 ± 0.0000 | 3.0000 ± 1.4142 |" in table
-    assert "| gapt | 1 | 2.0000 ± 0.0000 (+0.0%) | 2.4000 ± 0.0000 (-20.0%) |" in table
+    assert "| baseline | 2 | 2.0000 ± 0.0000 | 2.0000 ± 0.0000 | 3.0000 ± 1.4142 |" in table
+    assert "| gapt | 1 | 2.0000 ± 0.0000 (+0.0%) | 2.0000 ± 0.0000 (+0.0%) | 2.4000 ± 0.0000 (-20.0%) |" in table
+
+
+def test_the_lowest_validation_ce_and_early_stopping_on_test_ood_are_reported_beside_the_final_step():
+    rows = [dict(event="start", iter=0, config=dict(mode="gapt", seed=1)),
+            dict(iter=5, event="eval", val_ce=3.0, test_ood_answer_ce=4.0, val_ood_answer_ce=5.0),
+            dict(iter=10, event="eval", val_ce=2.5, test_ood_answer_ce=3.0, val_ood_answer_ce=6.0),
+            dict(iter=15, event="eval", val_ce=2.8, test_ood_answer_ce=3.5, val_ood_answer_ce=4.5)]
+    metrics = report.final_metrics("no-such-dir", rows)
+    assert metrics["iter"] == 15 and metrics["val_ce"] == 2.8 and metrics["val_ood_answer_ce"] == 4.5
+    assert metrics["min_val_ce"] == 2.5
+    # stopping at iter 10, where test_ood is lowest: the leaked 3.0, and val_ood there, 6.0
+    assert metrics["min_test_ood_answer_ce"] == 3.0 and metrics["val_ood_answer_ce_at_min_test_ood"] == 6.0
+    del rows[1]["test_ood_answer_ce"]  # a run that did not score test_ood at every evaluation: nothing chosen
+    assert "min_test_ood_answer_ce" not in report.final_metrics("no-such-dir", rows)
 
 
 def test_the_summary_gives_the_all_block_mbe_beside_the_regularized_one_also_for_older_logs(tmp_path):
     write_run_log(tmp_path / "b1", "baseline", 1, val_mbe_blocks=[1.0, 0.5, 0.25, 0.25])  # logged no val_mbe_all
     write_run_log(tmp_path / "g1", "gapt", 1, val_mbe_blocks=[0.5, 0.25, 0.125, 0.125])
     table = report.summarize_runs([str(tmp_path / "b1"), str(tmp_path / "g1")]).splitlines()
-    assert "| mode | runs | val_ce | val_mbe_all | val_ood_answer_ce |" in table[2]
+    assert "| mode | runs | val_ce | min_val_ce | val_mbe_all | val_ood_answer_ce |" in table[2]
     assert "| 0.5000 ± 0.0000 |" in table[4] and "| 0.2500 ± 0.0000 (-50.0%) |" in table[5]  # the mean of 4 blocks
 
 
