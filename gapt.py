@@ -78,6 +78,7 @@ DEFAULTS = dict(
     patience_comp=125,  # steps without MBE progress before compression stops
     tau=0.1,  # compression stops when CE exceeds (1 + tau) * best CE of the phase
     comp_end="plateau",  # compression ends on an MBE plateau ('plateau'), or after patience_comp steps ('patience')
+    gate_reads="train",  # the CE the gate reads: 'train', or 'test_ood' (the author's test leak, to measure it)
     # gradient alignment (the memorization-compression cycle)
     align_interval=50,  # measure cos(grad CE, grad MBE_reg) every this many steps; 0 = off
     # AdamW optimizer and learning-rate schedule
@@ -567,6 +568,21 @@ def train_step(model, optimizer, starts, weight, cfg, train_path, autocast_ctx, 
     return all_reduce_mean(stats / micro_steps, dist_info)
 
 
+@torch.no_grad()
+def leaked_test_ce(model, iter_num, cfg, paths, autocast_ctx, dist_info):
+    """The CE of one batch of test_ood windows, drawn by step number (so resuming draws the same):
+    what the gate of some of the author's runs read. For measuring that leak only."""
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_000 + iter_num)
+    starts = torch.randint(os.path.getsize(paths["test_ood"]) // 2 - cfg.block_size, (cfg.batch_size,),
+                           generator=generator).numpy()
+    X, Y = load_windows(paths["test_ood"], starts, cfg.block_size, dist_info.device)
+    model.eval()
+    with autocast_ctx:
+        _, ce, _ = model(X, Y)
+    model.train()
+    return all_reduce_mean(ce.float(), dist_info)
+
+
 def measure_alignment(model, starts, cfg, train_path, autocast_ctx, dist_info):
     """The alignment on this step's first micro-batch, averaged over ranks (NaN marks None)."""
     X, Y = load_windows(train_path, starts, cfg.block_size, dist_info.device)
@@ -636,8 +652,10 @@ def train(cfg):
         phase = gate.state["phase"] if cfg.mode == "gapt" else torch.tensor(2 if cfg.mode == "iblm" else 1)
         weight = mbe_weight_for(cfg.mode, cfg.mbe_weight, gate)
         stats = train_step(train_model, optimizer, starts, weight, cfg, paths["train"], autocast_ctx, dist_info)
-        if cfg.mode == "gapt":
-            gate.step(stats[0], stats[1])
+        if cfg.mode == "gapt":  # gate_reads='test_ood' feeds it a test loss instead: the leak, measured
+            gate_ce = (stats[0] if cfg.gate_reads == "train"
+                       else leaked_test_ce(model, iter_num, cfg, paths, autocast_ctx, dist_info))
+            gate.step(gate_ce, stats[1])
         iter_num += 1
         history.append((iter_num, lr, stats, phase))
 
@@ -700,6 +718,7 @@ RULES = {  # what each key must be (types are checked against DEFAULTS)
     **rule(lambda v: v in ("baseline", "iblm", "gapt"), "one of baseline, iblm, gapt", ("mode",)),
     **rule(lambda v: v in ("scratch", "resume"), "one of scratch, resume", ("init_from",)),
     **rule(lambda v: v in ("plateau", "patience"), "one of plateau, patience", ("comp_end",)),
+    **rule(lambda v: v in ("train", "test_ood"), "one of train, test_ood", ("gate_reads",)),
     **rule(lambda v: v in ("auto", "bfloat16", "float32"), "one of auto, bfloat16, float32", ("dtype",)),
 }
 
@@ -1049,7 +1068,8 @@ def check_data(cfg):
     """meta.json, the train and val files and the arithmetic answer sets; a bad dataset stops the
     run with nothing in out_dir to clean up."""
     meta = read_meta(cfg.data_dir, cfg.dataset)
-    paths = {split: check_split(cfg.data_dir, cfg.dataset, split, cfg.block_size, meta) for split in ("train", "val")}
+    splits = ("train", "val") + (("test_ood",) if cfg.gate_reads == "test_ood" else ())
+    paths = {split: check_split(cfg.data_dir, cfg.dataset, split, cfg.block_size, meta) for split in splits}
     sets = answer_sets(cfg.data_dir, cfg.dataset, meta, cfg.answer_eval_examples)
     for split, (examples, _) in sets.items():
         longest = max(len(e) for e in examples)  # scored with the example as input, minus its last token

@@ -3,6 +3,7 @@
     python -m pytest -q test_gapt.py
 """
 
+import contextlib
 import json
 import math
 import os
@@ -310,6 +311,44 @@ def test_comp_end_patience_compresses_for_exactly_patience_comp_steps_while_mbe_
 def test_comp_end_patience_still_ends_compression_when_ce_rises_above_one_plus_tau():
     gate = GAPT(patience_mem=1, patience_comp=100, tau=0.1, comp_end="patience")
     assert phases_of(gate, [(2.0, 1.0), (1.0, 0.9), (1.09, 0.8), (1.11, 0.7)]) == [2, 2, 2, 1]
+
+
+def write_test_ood(data, token=3, n=4096):
+    """A test_ood split of one repeated token: its CE is nothing like the training CE."""
+    np.full(n, token, dtype=np.uint16).tofile(os.path.join(data, "test_ood.bin"))
+
+
+@pytest.mark.parametrize("gate_reads", ["train", "test_ood"])
+def test_the_gate_reads_the_training_ce_unless_told_to_read_the_test_ood_loss(tmp_path, data, monkeypatch, gate_reads):
+    write_test_ood(data)
+    seen = {"gate": [], "train": [], "test_ood": []}
+    record = lambda key, f: lambda *a, **k: seen[key].append(f(*a, **k)) or seen[key][-1]
+    monkeypatch.setattr(gapt, "train_step", record("train", gapt.train_step))
+    monkeypatch.setattr(gapt, "leaked_test_ce", record("test_ood", gapt.leaked_test_ce))
+    monkeypatch.setattr(GAPT, "step", lambda gate, ce, mbe_reg, step=GAPT.step: seen["gate"].append(ce) or step(gate, ce, mbe_reg))
+    gapt.train(tiny_config(tmp_path, mode="gapt", gate_reads=gate_reads))
+    train_ce = [float(stats[0]) for stats in seen["train"]]
+    gate_ce = [float(ce) for ce in seen["gate"]]
+    assert len(gate_ce) == 6 and len(seen["test_ood"]) == (6 if gate_reads == "test_ood" else 0)
+    assert gate_ce == (train_ce if gate_reads == "train" else [float(ce) for ce in seen["test_ood"]])
+    assert (gate_ce == train_ce) == (gate_reads == "train")
+
+
+def test_the_leaked_test_loss_is_the_models_ce_on_test_ood_windows(tmp_path, data):
+    write_test_ood(data)
+    cfg = tiny_config(tmp_path, gate_reads="test_ood")
+    model = gapt.make_model(cfg)
+    _, paths, _ = gapt.check_data(cfg)
+    leaked = gapt.leaked_test_ce(model, 4, cfg, paths, contextlib.nullcontext(), gapt.Dist(0, 0, 1, torch.device("cpu")))
+    threes = torch.full((cfg.batch_size, cfg.block_size), 3)  # every test_ood window, whatever its start
+    assert leaked.item() == pytest.approx(model(threes, threes)[1].item(), rel=1e-6)
+    assert model.training  # evaluated in eval mode, handed back in training mode
+
+
+def test_gate_reads_test_ood_without_a_test_ood_file_stops_naming_the_command_that_writes_it(tmp_path, data):
+    with pytest.raises(SystemExit, match="has no .*test_ood.bin; prepare it with"):
+        gapt.train(tiny_config(tmp_path, mode="gapt", gate_reads="test_ood"))
+    assert not os.path.exists(tmp_path / "out")
 
 
 class HostReadCounter(torch.utils._python_dispatch.TorchDispatchMode):
