@@ -2060,6 +2060,21 @@ def test_the_lowest_validation_ce_and_early_stopping_on_test_ood_are_reported_be
     assert "min_test_ood_answer_ce" not in report.final_metrics("no-such-dir", rows)
 
 
+def test_the_summary_gives_a_row_per_lambda_when_a_mode_ran_at_several(tmp_path):
+    for name, mode, weight, ood in (("b", "baseline", 1.0, 2.0), ("g1", "gapt", 1.0, 3.0), ("g2", "gapt", 0.1, 1.0),
+                                    ("g3", "gapt", 0.1, 1.5), ("i", "iblm", 1.0, 4.0)):
+        write_run_log(tmp_path / name, mode, 1, ood)
+        with open(tmp_path / name / "log.jsonl") as f:
+            rows = [json.loads(line) for line in f]
+        rows[0]["config"]["mbe_weight"] = weight
+        with open(tmp_path / name / "log.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    table = report.summarize_runs([str(tmp_path / n) for n in ("b", "g1", "g2", "g3", "i")])
+    assert "| gapt lambda 1.0 | 1 |" in table and "| 3.0000 ± 0.0000 (+50.0%) |" in table
+    assert "| gapt lambda 0.1 | 2 |" in table and "| 1.2500 ± 0.3536 (-37.5%) |" in table
+    assert "| baseline | 1 |" in table and "| iblm | 1 |" in table  # one lambda each: the mode alone
+
+
 def test_the_summary_gives_the_all_block_mbe_beside_the_regularized_one_also_for_older_logs(tmp_path):
     write_run_log(tmp_path / "b1", "baseline", 1, val_mbe_blocks=[1.0, 0.5, 0.25, 0.25])  # logged no val_mbe_all
     write_run_log(tmp_path / "g1", "gapt", 1, val_mbe_blocks=[0.5, 0.25, 0.125, 0.125])

@@ -250,8 +250,12 @@ def summarize_runs(run_dirs):
     validation MBE of every block (the regularized middle ones and the free ones at both ends),
     then the alignment cosine over training if the runs measured it."""
     metrics_by_mode, rows_by_mode, pending = {}, {}, []
-    for out_dir in run_dirs:
-        _, mode, rows = read_run(out_dir)
+    runs = [(out_dir, *read_run(out_dir)[1:]) for out_dir in run_dirs]
+    weight = lambda rows: next(r["config"] for r in rows if r.get("event") == "start").get("mbe_weight")
+    weights = {mode: {weight(rows) for _, m, rows in runs if m == mode} for _, mode, _ in runs}
+    for out_dir, mode, rows in runs:
+        if len(weights[mode]) > 1:  # a mode run at several lambdas (a lambda curve) gets a row per lambda
+            mode = f"{mode} lambda {weight(rows)}"
         if not any(r.get("event") == "eval" for r in rows):
             pending.append(out_dir)  # a run still before its first evaluation: in the figure only
             continue
