@@ -15,7 +15,8 @@ Run it:
 
 Read it top to bottom: the config, MBE, the model, the IBLM loss, the GAPT gate, the gradient
 alignment probe, data, evaluation and the training loop, in the order things happen. Below
-train() is the plumbing a first reading can skip: config checks, processes, checkpoints, data checks.
+train() is what a first reading can skip: the arithmetic answer scoring, config checks, processes,
+checkpoints, data checks.
 """
 
 import ast
@@ -419,7 +420,7 @@ def load_windows(path, starts, block_size, device):
 
 # -----------------------------------------------------------------------------
 # Evaluation: validation CE and per-block MBE, averaged over ranks; on arithmetic, the answer CE
-# (the paper's out-of-distribution metric) of each example alone and in context (sample.py uses them too).
+# (the paper's out-of-distribution metric) of each example alone and in context, scored below train().
 # -----------------------------------------------------------------------------
 def patch_spectrum(h, patch_size):
     """What a low MBE is made of, per block, as means over patches: [MBE; MBE of the patch with its
@@ -475,59 +476,6 @@ def evaluate(model, cfg, paths, answer_sets, autocast_ctx, dist_info):
     return results
 
 
-@torch.no_grad()
-def answer_ce(model, examples, sep_token, device, batch_size=256):
-    """Mean CE over the answer digits (the tokens after sep_token '=' and before the final eot),
-    with the whole example as prompt: how well the model predicts the product, digit by digit."""
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = examples[i:i + batch_size]
-        width = max(len(e) for e in batch)
-        idx = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.bool)  # True where the *target* is an answer digit
-        for row, ex in enumerate(batch):
-            idx[row, :len(ex)] = torch.tensor(ex)  # right padding: causal attention never looks at it
-            eq = ex.index(sep_token)
-            mask[row, eq:len(ex) - 2] = True  # positions eq .. L-3 predict digits eq+1 .. L-2
-        idx, mask = idx.to(device), mask.to(device)
-        logits = model.all_logits(idx[:, :-1]).float()  # (B, width-1, vocab)
-        nll = F.cross_entropy(logits.transpose(1, 2), idx[:, 1:], reduction="none")  # (B, width-1)
-        total += nll[mask[:, :-1]].sum().item()
-        count += int(mask.sum())
-    return total / count
-
-
-@torch.no_grad()
-def answer_ce_in_context(model, examples, sep_token, device, window, batch_size=64):
-    """The answer CE with the examples read as one stream, in order, as in training: windows of
-    `window` tokens every window // 2 tokens, each example scored in the one window where it ends in
-    the second half and lies whole, so every scored answer sees at least half a window of earlier
-    examples and their answers. The examples that end in the stream's first half-window are context only.
-    NaN when the longest example is longer than half a window, or the examples fill less than one window."""
-    half, eot = window // 2, examples[0][0]
-    stream = torch.tensor([eot] + [t for ex in examples for t in ex[1:]])  # eot a*b=c eot a*b=c eot ...
-    if max(len(ex) - 1 for ex in examples) > half or len(stream) <= window:
-        return math.nan
-    ids = torch.arange(len(stream))
-    last = lambda mask: torch.cummax(torch.where(mask, ids, -1), 0).values  # latest index at or before each token
-    # answer digits: after the '=' of their own example (the last '=' comes after the last eot)
-    is_answer = (stream != eot) & (stream != sep_token) & (last(stream == sep_token) > last(stream == eot))
-    eots = ids[stream == eot]
-    example_end = eots[torch.searchsorted(eots, ids)]  # the eot that ends each token's example
-    starts = torch.arange(0, len(stream) - window, half)[:, None]  # (n_windows, 1)
-    targets = starts + 1 + torch.arange(window)  # (n_windows, window): the positions each window predicts
-    end = example_end[targets]
-    # an example no longer than half a window that ends in the second half lies whole in the window
-    scored = is_answer[targets] & (end > starts + half) & (end <= starts + 2 * half)
-    total, count = 0.0, 0
-    for rows in torch.arange(len(starts)).split(batch_size):
-        logits = model.all_logits(stream[targets[rows] - 1].to(device)).float()  # (B, window, vocab)
-        nll = F.cross_entropy(logits.transpose(1, 2), stream[targets[rows]].to(device), reduction="none")
-        total += nll[scored[rows].to(device)].sum().item()
-        count += int(scored[rows].sum())
-    return total / count if count else math.nan
-
-
 # -----------------------------------------------------------------------------
 # Training
 # -----------------------------------------------------------------------------
@@ -566,21 +514,6 @@ def train_step(model, optimizer, starts, weight, cfg, train_path, autocast_ctx, 
     optimizer.zero_grad(set_to_none=True)
     # the gate sees the all-reduced losses: every rank takes the same decision, always
     return all_reduce_mean(stats / micro_steps, dist_info)
-
-
-@torch.no_grad()
-def leaked_test_ce(model, iter_num, cfg, paths, autocast_ctx, dist_info):
-    """The CE of one batch of test_ood windows, drawn by step number (so resuming draws the same):
-    what the gate of some of the author's runs read. For measuring that leak only."""
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_000 + iter_num)
-    starts = torch.randint(os.path.getsize(paths["test_ood"]) // 2 - cfg.block_size, (cfg.batch_size,),
-                           generator=generator).numpy()
-    X, Y = load_windows(paths["test_ood"], starts, cfg.block_size, dist_info.device)
-    model.eval()
-    with autocast_ctx:
-        _, ce, _ = model(X, Y)
-    model.train()
-    return all_reduce_mean(ce.float(), dist_info)
 
 
 def measure_alignment(model, starts, cfg, train_path, autocast_ctx, dist_info):
@@ -698,6 +631,77 @@ def train(cfg):
 # =============================================================================
 # Plumbing: everything below supports train() and can be skipped on a first reading.
 # =============================================================================
+
+# -----------------------------------------------------------------------------
+# Arithmetic answers, the paper's OOD metric: each example scored alone and in a stream of examples
+# -----------------------------------------------------------------------------
+@torch.no_grad()
+def answer_ce(model, examples, sep_token, device, batch_size=256):
+    """Mean CE over the answer digits (the tokens after sep_token '=' and before the final eot),
+    with the whole example as prompt: how well the model predicts the product, digit by digit."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i:i + batch_size]
+        width = max(len(e) for e in batch)
+        idx = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.bool)  # True where the *target* is an answer digit
+        for row, ex in enumerate(batch):
+            idx[row, :len(ex)] = torch.tensor(ex)  # right padding: causal attention never looks at it
+            eq = ex.index(sep_token)
+            mask[row, eq:len(ex) - 2] = True  # positions eq .. L-3 predict digits eq+1 .. L-2
+        idx, mask = idx.to(device), mask.to(device)
+        logits = model.all_logits(idx[:, :-1]).float()  # (B, width-1, vocab)
+        nll = F.cross_entropy(logits.transpose(1, 2), idx[:, 1:], reduction="none")  # (B, width-1)
+        total += nll[mask[:, :-1]].sum().item()
+        count += int(mask.sum())
+    return total / count
+
+
+@torch.no_grad()
+def answer_ce_in_context(model, examples, sep_token, device, window, batch_size=64):
+    """The answer CE with the examples read as one stream, in order, as in training: windows of
+    `window` tokens every window // 2 tokens, each example scored in the one window where it ends in
+    the second half and lies whole, so every scored answer sees at least half a window of earlier
+    examples and their answers. The examples that end in the stream's first half-window are context only.
+    NaN when the longest example is longer than half a window, or the examples fill less than one window."""
+    half, eot = window // 2, examples[0][0]
+    stream = torch.tensor([eot] + [t for ex in examples for t in ex[1:]])  # eot a*b=c eot a*b=c eot ...
+    if max(len(ex) - 1 for ex in examples) > half or len(stream) <= window:
+        return math.nan
+    ids = torch.arange(len(stream))
+    last = lambda mask: torch.cummax(torch.where(mask, ids, -1), 0).values  # latest index at or before each token
+    # answer digits: after the '=' of their own example (the last '=' comes after the last eot)
+    is_answer = (stream != eot) & (stream != sep_token) & (last(stream == sep_token) > last(stream == eot))
+    eots = ids[stream == eot]
+    example_end = eots[torch.searchsorted(eots, ids)]  # the eot that ends each token's example
+    starts = torch.arange(0, len(stream) - window, half)[:, None]  # (n_windows, 1)
+    targets = starts + 1 + torch.arange(window)  # (n_windows, window): the positions each window predicts
+    end = example_end[targets]
+    # an example no longer than half a window that ends in the second half lies whole in the window
+    scored = is_answer[targets] & (end > starts + half) & (end <= starts + 2 * half)
+    total, count = 0.0, 0
+    for rows in torch.arange(len(starts)).split(batch_size):
+        logits = model.all_logits(stream[targets[rows] - 1].to(device)).float()  # (B, window, vocab)
+        nll = F.cross_entropy(logits.transpose(1, 2), stream[targets[rows]].to(device), reduction="none")
+        total += nll[scored[rows].to(device)].sum().item()
+        count += int(scored[rows].sum())
+    return total / count if count else math.nan
+
+
+@torch.no_grad()
+def leaked_test_ce(model, iter_num, cfg, paths, autocast_ctx, dist_info):
+    """The CE of one batch of test_ood windows, drawn by step number (so resuming draws the same):
+    what the gate of some of the author's runs read. For measuring that leak only."""
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_000 + iter_num)
+    starts = torch.randint(os.path.getsize(paths["test_ood"]) // 2 - cfg.block_size, (cfg.batch_size,),
+                           generator=generator).numpy()
+    X, Y = load_windows(paths["test_ood"], starts, cfg.block_size, dist_info.device)
+    model.eval()
+    with autocast_ctx:
+        _, ce, _ = model(X, Y)
+    model.train()
+    return all_reduce_mean(ce.float(), dist_info)
+
 
 # -----------------------------------------------------------------------------
 # Config parsing and checks: every bad value stops the run before anything is written
