@@ -2025,12 +2025,13 @@ def test_plot_without_runs_is_a_clear_error(tmp_path):
         report.run_report(gapt.parse_config([f"--file={tmp_path / 'x.png'}"], report.DEFAULTS))
 
 
-def write_run_log(out_dir, mode, seed, val_ood_answer_ce=1.0, val_mbe_blocks=None):
+def write_run_log(out_dir, mode, seed, val_ood_answer_ce=1.0, val_mbe_blocks=None, **settings):
+    """A log.jsonl with two evaluations; settings go into its config (keys it lacks read as defaults)."""
     os.makedirs(out_dir)
     final = dict(iter=10, event="eval", val_ce=2.0, val_ood_answer_ce=val_ood_answer_ce)
     if val_mbe_blocks is not None:
         final["val_mbe_blocks"] = val_mbe_blocks
-    rows = [dict(event="start", iter=0, config=dict(mode=mode, seed=seed)),
+    rows = [dict(event="start", iter=0, config=dict(mode=mode, seed=seed, **settings)),
             dict(iter=5, event="eval", val_ce=9.0, val_ood_answer_ce=99.0),  # not the final one: ignored
             final]
     with open(os.path.join(out_dir, "log.jsonl"), "w") as f:
@@ -2063,16 +2064,26 @@ def test_the_lowest_validation_ce_and_early_stopping_on_test_ood_are_reported_be
 def test_the_summary_gives_a_row_per_lambda_when_a_mode_ran_at_several(tmp_path):
     for name, mode, weight, ood in (("b", "baseline", 1.0, 2.0), ("g1", "gapt", 1.0, 3.0), ("g2", "gapt", 0.1, 1.0),
                                     ("g3", "gapt", 0.1, 1.5), ("i", "iblm", 1.0, 4.0)):
-        write_run_log(tmp_path / name, mode, 1, ood)
-        with open(tmp_path / name / "log.jsonl") as f:
-            rows = [json.loads(line) for line in f]
-        rows[0]["config"]["mbe_weight"] = weight
-        with open(tmp_path / name / "log.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        write_run_log(tmp_path / name, mode, 1, ood, mbe_weight=weight)
     table = report.summarize_runs([str(tmp_path / n) for n in ("b", "g1", "g2", "g3", "i")])
     assert "| gapt lambda 1.0 | 1 |" in table and "| 3.0000 ± 0.0000 (+50.0%) |" in table
     assert "| gapt lambda 0.1 | 2 |" in table and "| 1.2500 ± 0.3536 (-37.5%) |" in table
     assert "| baseline | 1 |" in table and "| iblm | 1 |" in table  # one lambda each: the mode alone
+
+
+def test_the_summary_never_averages_runs_of_different_protocols_together(tmp_path):
+    """The confound runs: a half-batch baseline and a gate reading test_ood get rows of their own,
+    and changes are against the first baseline row; seed and out_dir never split a row."""
+    runs = (("b1", "baseline", 1, {}, 2.0), ("b2", "baseline", 2, {}, 4.0), ("h1", "baseline", 1, dict(batch_size=8), 1.0),
+            ("g1", "gapt", 1, {}, 6.0), ("l1", "gapt", 1, dict(gate_reads="test_ood"), 1.5))
+    for name, mode, seed, settings, ood in runs:
+        write_run_log(tmp_path / name, mode, seed, ood, **settings)
+    table = report.summarize_runs([str(tmp_path / name) for name, *_ in runs])
+    default_batch = gapt.DEFAULTS["batch_size"]
+    assert f"| baseline batch_size {default_batch} | 2 |" in table and "| baseline batch_size 8 | 1 |" in table
+    assert "| gapt gate_reads train | 1 |" in table and "| gapt gate_reads test_ood | 1 |" in table
+    assert "| 6.0000 ± 0.0000 (+100.0%) |" in table  # gapt against the two full-batch baselines' mean, 3.0
+    assert "| 1.0000 ± 0.0000 (-66.7%) |" in table
 
 
 def test_the_summary_gives_the_all_block_mbe_beside_the_regularized_one_also_for_older_logs(tmp_path):

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from gapt import ConfigError, parse_config, read_log
+from gapt import DEFAULTS as DEFAULTS_OF_GAPT, ConfigError, parse_config, read_log
 
 DEFAULTS = dict(
     runs="",  # comma-separated out_dirs of the runs to draw (or one forgetting out_dir)
@@ -209,16 +209,17 @@ def final_metrics(out_dir, rows):
 
 def mode_table(by_mode, keys, headers=None):
     """Markdown rows: mean ± std of each key over each mode's runs, and the change of the mean
-    against the baseline's."""
+    against the first baseline row's (the plain "baseline" when there is one)."""
     means = {mode: {k: np.mean([m[k] for m in ms]) for k in keys} for mode, ms in by_mode.items()}
+    reference = "baseline" if "baseline" in by_mode else next((m for m in by_mode if m.startswith("baseline")), None)
     lines = ["| mode | runs | " + " | ".join(headers or keys) + " |", "|---|---:|" + "---:|" * len(keys)]
     for mode, ms in by_mode.items():
         cells = []
         for k in keys:
             values = [m[k] for m in ms]
             cell = f"{np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.4f}"
-            if mode != "baseline" and "baseline" in means and means["baseline"][k]:
-                cell += f" ({100 * (means[mode][k] / means['baseline'][k] - 1):+.1f}%)"
+            if reference not in (None, mode) and means[reference][k]:
+                cell += f" ({100 * (means[mode][k] / means[reference][k] - 1):+.1f}%)"
             cells.append(cell)
         lines.append(f"| {mode} | {len(ms)} | " + " | ".join(cells) + " |")
     return lines
@@ -245,17 +246,33 @@ def alignment_table(runs_by_mode, window):
     return lines
 
 
+SAME_PROTOCOL_KEYS = ("seed", "out_dir", "init_from", "data_dir")  # never split a mode's runs into rows
+KEY_NAMES = dict(mbe_weight="lambda")
+
+
+def setting_labels(runs):
+    """A row label per (mode, rows): the mode, then each setting that differs between that mode's runs
+    (a lambda curve, the half-batch baseline, the gate reading test_ood), so that runs of different
+    protocols are never averaged together. A key a run's log lacks (an older gapt.py) has its default."""
+    configs = [next(r["config"] for r in rows if r.get("event") == "start") for _, rows in runs]
+    setting = lambda config, key: config.get(key, DEFAULTS_OF_GAPT.get(key))
+    labels = []
+    for (mode, _), config in zip(runs, configs):
+        peers = [c for (m, _), c in zip(runs, configs) if m == mode]
+        varying = [k for k in DEFAULTS_OF_GAPT if k not in SAME_PROTOCOL_KEYS
+                   and len({repr(setting(c, k)) for c in peers}) > 1]
+        labels.append(" ".join([mode] + [f"{KEY_NAMES.get(k, k)} {setting(config, k)}" for k in varying]))
+    return labels
+
+
 def summarize_runs(run_dirs):
     """Markdown tables of the runs' final evaluations, by mode: the summary metrics, then the
     validation MBE of every block (the regularized middle ones and the free ones at both ends),
     then the alignment cosine over training if the runs measured it."""
     metrics_by_mode, rows_by_mode, pending = {}, {}, []
     runs = [(out_dir, *read_run(out_dir)[1:]) for out_dir in run_dirs]
-    weight = lambda rows: next(r["config"] for r in rows if r.get("event") == "start").get("mbe_weight")
-    weights = {mode: {weight(rows) for _, m, rows in runs if m == mode} for _, mode, _ in runs}
-    for out_dir, mode, rows in runs:
-        if len(weights[mode]) > 1:  # a mode run at several lambdas (a lambda curve) gets a row per lambda
-            mode = f"{mode} lambda {weight(rows)}"
+    labels = setting_labels([(mode, rows) for _, mode, rows in runs])
+    for (out_dir, _, rows), mode in zip(runs, labels):
         if not any(r.get("event") == "eval" for r in rows):
             pending.append(out_dir)  # a run still before its first evaluation: in the figure only
             continue
