@@ -2122,6 +2122,10 @@ def test_the_summary_reports_the_alignment_cosine_per_window_and_its_sign_change
     # steps 0-9: 0.2, -0.1, 0.4, 0.1 (mean 0.15, s.e. 0.104, 3 > 0); 10-19: -0.3, -0.5, -0.1, 0.3
     # sign changes: b1 1, b2 2
     assert "| baseline | 2 | 1.5 | +0.15 ± 0.10 (3/4) | -0.15 ± 0.17 (1/4) |" in table
+    # one column for steps 0-19 when asked for windows of 20 steps (before and after memorization, say)
+    table = report.summarize_runs([str(tmp_path / "b1"), str(tmp_path / "b2")], align_window=20)
+    assert "| mode | runs | sign changes per run | 0-19 |" in table and "20-39" not in table
+    assert re.search(r"\| baseline \| 2 \| 1\.5 \| [+-]0\.00 ± 0\.11 \(4/8\) \|", table)  # the 8 cosines sum to 0
 
 
 def test_the_summary_leaves_out_runs_not_yet_evaluated_and_names_them(tmp_path):

@@ -19,6 +19,7 @@ from gapt import DEFAULTS as DEFAULTS_OF_GAPT, ConfigError, parse_config, read_l
 DEFAULTS = dict(
     runs="",  # comma-separated out_dirs of the runs to draw (or one forgetting out_dir)
     file="assets/runs.png",  # where the figure goes
+    align_window=0,  # steps per column of the alignment-cosine table (0: the runs' eval_interval)
 )
 
 
@@ -265,7 +266,7 @@ def setting_labels(runs):
     return labels
 
 
-def summarize_runs(run_dirs):
+def summarize_runs(run_dirs, align_window=0):
     """Markdown tables of the runs' final evaluations, by mode: the summary metrics, then the
     validation MBE of every block (the regularized middle ones and the free ones at both ends),
     then the alignment cosine over training if the runs measured it."""
@@ -293,7 +294,8 @@ def summarize_runs(run_dirs):
         lines += ["", f"not in the tables, no evaluation yet: {', '.join(pending)}"]
     measured = {mode: rs for mode, rs in rows_by_mode.items() if all(any("align_cos" in r for r in rows) for rows in rs)}
     if measured:
-        window = next(r["config"]["eval_interval"] for r in rows_by_mode[next(iter(measured))][0] if "config" in r)
+        window = align_window or next(r["config"]["eval_interval"] for r in rows_by_mode[next(iter(measured))][0]
+                                      if "config" in r)
         lines += ["", f"cos(grad CE, grad MBE_reg) per {window} steps: mean ± s.e. over the measurements "
                       f"(> 0 / all)", "", *alignment_table(measured, window)]
     return "\n".join(lines)
@@ -309,7 +311,7 @@ def run_report(cfg):
         plot_forgetting(forgetting_json, cfg.file)
     else:
         plot_training_runs(run_dirs, cfg.file)
-        print(summarize_runs(run_dirs))
+        print(summarize_runs(run_dirs, cfg.align_window))
     print(f"wrote {cfg.file}")
 
 
