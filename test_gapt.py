@@ -865,7 +865,7 @@ def test_a_resumed_run_logs_each_step_once_even_after_a_crash_and_a_torn_line(tm
     gapt.train(tiny_config(tmp_path, init_from="resume"))
     assert [r["iter"] for r in step_rows(out)] == [1, 2, 3, 4, 5, 6]
     assert [r["iter"] for r in read_log(out) if r.get("event") == "eval"] == [3, 6]
-    assert report.read_run(str(out))[1] == TINY.get("mode", gapt.DEFAULTS["mode"])
+    assert report.read_run(str(out))[0] == TINY.get("mode", gapt.DEFAULTS["mode"])
 
 
 def test_best_pt_keeps_the_checkpoint_with_the_lowest_validation_ce(tmp_path, data):
@@ -2018,6 +2018,15 @@ def test_plot_draws_the_logged_runs_into_a_png(tmp_path, data):
     runs = ",".join(str(tmp_path / d) for d in ("out", "baseline-1", "baseline-2"))
     report.run_report(gapt.parse_config([f"--runs={runs}", f"--file={plot_file}"], report.DEFAULTS))
     assert plot_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_figure_draws_a_line_per_setting_and_never_averages_two_lambdas(tmp_path):
+    runs = [("gapt", 1, 1.0), ("gapt", 2, 1.0), ("gapt", 1, 0.03), ("baseline", 1, 1.0)]
+    for mode, seed, weight in runs:
+        write_run_log(tmp_path / f"{mode}-{weight}-{seed}", mode, seed, mbe_weight=weight)
+    groups = report.line_groups([report.read_run(tmp_path / f"{m}-{w}-{s}") for m, s, w in runs])
+    assert [(label, mode, style, len(members)) for label, mode, style, members in groups] == [
+        ("gapt lambda 1.0", "gapt", "-", 2), ("gapt lambda 0.03", "gapt", "--", 1), ("baseline", "baseline", "-", 1)]
 
 
 def test_plot_without_runs_is_a_clear_error(tmp_path):

@@ -33,8 +33,12 @@ def import_pyplot():
     return plt
 
 
+def start_config(rows):
+    return next(r["config"] for r in rows if r.get("event") == "start")
+
+
 def read_run(out_dir):
-    """(label, mode, rows) of a run: "mode seed N" from its start row, its mode, every row of its log."""
+    """(mode, rows) of a run: its mode from the start row, and every row of its log."""
     path = os.path.join(out_dir, "log.jsonl")
     if not os.path.exists(path):
         raise SystemExit(f"report: no {path}; --runs takes the out_dirs of runs, comma-separated")
@@ -42,8 +46,7 @@ def read_run(out_dir):
     for row in rows:  # logs written before gapt.py logged val_mbe_all: the same mean, from the blocks
         if "val_mbe_blocks" in row and "val_mbe_all" not in row:
             row["val_mbe_all"] = float(np.mean(row["val_mbe_blocks"]))
-    config = next(r["config"] for r in rows if r.get("event") == "start")
-    return f"{config['mode']} seed {config['seed']}", config["mode"], rows
+    return start_config(rows)["mode"], rows
 
 
 def compression_spans(rows, last_iter):
@@ -64,6 +67,7 @@ PLOT_PANELS = [("ce", "training CE"), ("mbe", "training MBE_reg"), ("val_mbe", "
                ("val_ood_answer_ce_in_context", "OOD answer CE in context"), ("val_answer_ce", "ID answer CE (val)"),
                ("val_ce", "validation CE"), ("align_cos", "cos(grad CE, grad MBE_reg)")]
 MODE_COLORS = dict(baseline="tab:gray", iblm="tab:blue", gapt="tab:red")
+LINE_STYLES = ("-", "--", ":", "-.")  # a mode's runs at different settings (lambda 1, 0.03, ...)
 
 
 def mean_curve(curves):
@@ -73,28 +77,41 @@ def mean_curve(curves):
     return iters, [sum(d[it] for d in by_iter) / len(by_iter) for it in iters]
 
 
+def line_groups(runs):
+    """[(label, mode, line style, [rows of each run])] from [(mode, rows)]: one line (the mean of its
+    seeds) per mode and setting, so that the runs of a lambda curve are never averaged together; the
+    settings of one mode differ by line style, the modes by color."""
+    groups = {}
+    for label, (mode, rows) in zip(setting_labels(runs), runs):
+        if label not in groups:
+            style = LINE_STYLES[sum(m == mode for _, m, _, _ in groups.values()) % len(LINE_STYLES)]
+            groups[label] = (label, mode, style, [])
+        groups[label][3].append(rows)
+    return list(groups.values())
+
+
 def plot_training_runs(run_dirs, png_path):
     """One panel per quantity the runs logged; GAPT's compression phases shaded in its color.
     A mode with several seeds is drawn as thin seed lines under a bold mean: with 5 seeds of 3 modes,
     15 lines of equal weight hide the comparison the figure is for."""
     plt = import_pyplot()
     runs = [read_run(d) for d in run_dirs]
-    panels = [(key, title) for key, title in PLOT_PANELS if any(key in r for _, _, rows in runs for r in rows)]
+    groups = line_groups(runs)
+    panels = [(key, title) for key, title in PLOT_PANELS if any(key in r for _, rows in runs for r in rows)]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False)
-    modes = list(dict.fromkeys(mode for _, mode, _ in runs))  # in the order given
     for ax, (key, title) in zip(axes[:, 0], panels):
-        for mode in modes:
-            curves = [(label, [(r["iter"], r[key]) for r in rows if r.get(key) is not None])
-                      for label, m, rows in runs if m == mode]
-            curves = [(label, curve) for label, curve in curves if curve]
+        for label, mode, style, members in groups:
+            curves = [(f"{label} seed {start_config(rows)['seed']}",
+                       [(r["iter"], r[key]) for r in rows if r.get(key) is not None]) for rows in members]
+            curves = [(name, curve) for name, curve in curves if curve]
             several = len(curves) > 1
-            for label, curve in curves:
-                ax.plot(*zip(*curve), color=MODE_COLORS[mode], lw=0.6 if several else 1,
-                        alpha=0.35 if several else 0.8, label=None if several else label)
+            for name, curve in curves:
+                ax.plot(*zip(*curve), color=MODE_COLORS[mode], ls=style, lw=0.6 if several else 1,
+                        alpha=0.35 if several else 0.8, label=None if several else name)
             if several:
-                ax.plot(*mean_curve([curve for _, curve in curves]), color=MODE_COLORS[mode], lw=2,
-                        label=f"{mode}, mean of {len(curves)} seeds")
-        for _, mode, rows in runs:  # the phases of several GAPT seeds overlap and shade darker
+                ax.plot(*mean_curve([curve for _, curve in curves]), color=MODE_COLORS[mode], ls=style, lw=2,
+                        label=f"{label}, mean of {len(curves)} seeds")
+        for mode, rows in runs:  # the phases of several GAPT seeds overlap and shade darker
             if mode == "gapt":
                 for first, last in compression_spans(rows, rows[-1]["iter"]):
                     ax.axvspan(first, last, color=MODE_COLORS[mode], alpha=0.08, lw=0)
@@ -102,7 +119,7 @@ def plot_training_runs(run_dirs, png_path):
             ax.axhline(0, color="k", lw=0.5)
         ax.set_ylabel(title, fontsize=8)
     axes[0, 0].legend(fontsize=7, ncol=3)
-    if "gapt" in modes:
+    if any(mode == "gapt" for mode, _ in runs):
         axes[0, 0].set_title("shaded: GAPT compression phases (darker where more seeds compress)", fontsize=8)
     axes[-1, 0].set_xlabel("optimizer step")
     fig.tight_layout()
@@ -194,7 +211,7 @@ def final_metrics(out_dir, rows):
         metrics.update(min_test_ood_answer_ce=chosen["test_ood_answer_ce"],
                        val_ood_answer_ce_at_min_test_ood=chosen["val_ood_answer_ce"])
     # the share of steps with MBE_reg in the loss, and in how many phases: fixed for baseline and iblm
-    mode = next(r["config"]["mode"] for r in rows if r.get("event") == "start")
+    mode = start_config(rows)["mode"]
     spans = compression_spans(rows, last["iter"])
     metrics["compressing"] = dict(baseline=0.0, iblm=1.0).get(mode, sum(b - a for a, b in spans) / last["iter"])
     metrics["compression_phases"] = dict(baseline=0, iblm=1).get(mode, len(spans))
@@ -255,7 +272,7 @@ def setting_labels(runs):
     """A row label per (mode, rows): the mode, then each setting that differs between that mode's runs
     (a lambda curve, the half-batch baseline, the gate reading test_ood), so that runs of different
     protocols are never averaged together. A key a run's log lacks (an older gapt.py) has its default."""
-    configs = [next(r["config"] for r in rows if r.get("event") == "start") for _, rows in runs]
+    configs = [start_config(rows) for _, rows in runs]
     setting = lambda config, key: config.get(key, DEFAULTS_OF_GAPT.get(key))
     labels = []
     for (mode, _), config in zip(runs, configs):
@@ -271,7 +288,7 @@ def summarize_runs(run_dirs, align_window=0):
     validation MBE of every block (the regularized middle ones and the free ones at both ends),
     then the alignment cosine over training if the runs measured it."""
     metrics_by_mode, rows_by_mode, pending = {}, {}, []
-    runs = [(out_dir, *read_run(out_dir)[1:]) for out_dir in run_dirs]
+    runs = [(out_dir, *read_run(out_dir)) for out_dir in run_dirs]
     labels = setting_labels([(mode, rows) for _, mode, rows in runs])
     for (out_dir, _, rows), mode in zip(runs, labels):
         if not any(r.get("event") == "eval" for r in rows):
