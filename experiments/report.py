@@ -18,7 +18,7 @@ from gapt import DEFAULTS as DEFAULTS_OF_GAPT, ConfigError, parse_config, read_l
 
 DEFAULTS = dict(
     runs="",  # comma-separated out_dirs of the runs to draw (or one forgetting out_dir)
-    file="assets/runs.png",  # where the figure goes
+    file="runs.png",  # where the figure goes (default: not in assets/, which holds the committed figures)
     align_window=0,  # steps per column of the alignment-cosine table (0: the runs' eval_interval)
 )
 
