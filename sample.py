@@ -193,7 +193,7 @@ def evaluate_arithmetic(model, examples, sep_token, eot_token, decode, device):
     the true product, answer CE (teacher-forced, gapt.answer_ce) of each example alone and, where the
     model's context holds two of the longest examples, in context (gapt.answer_ce_in_context), and the
     mean absolute difference in digits between the greedy answer and the true one (length error: does
-    it get the size right?)."""
+    it get the size right?) and the mean signed one (length bias: below 0, it ends its answers too early)."""
     prompts = [ex[:ex.index(sep_token) + 1] for ex in examples]
     truths = [decode(ex[len(prompt):-1]) for ex, prompt in zip(examples, prompts)]
     guesses = [decode(answer) for answer in greedy_answers(model, prompts, eot_token, device)]
@@ -202,6 +202,7 @@ def evaluate_arithmetic(model, examples, sep_token, eot_token, decode, device):
                   exact_match=sum(right) / len(examples),
                   answer_ce=gapt.answer_ce(model, examples, sep_token, device),
                   length_error=sum(abs(len(g) - len(t)) for g, t in zip(guesses, truths)) / len(examples),
+                  length_bias=sum(len(g) - len(t) for g, t in zip(guesses, truths)) / len(examples),
                   exact_match_by_digits=exact_match_by_digits([decode(p[1:-1]) for p in prompts], right))  # `\na*b=` -> `a*b`
     in_context = gapt.answer_ce_in_context(model, examples, sep_token, device, model.config.block_size)
     if math.isfinite(in_context):
@@ -242,10 +243,10 @@ def load_arithmetic_splits(data_dir, dataset, meta, n, checkpoint_path):
 
 def format_table(rows):
     """A Markdown table: readable in a terminal, and pasted as is into the README."""
-    lines = ["| split | examples | exact match | answer CE | answer CE in context | length error |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| split | examples | exact match | answer CE | answer CE in context | length error | length bias |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['split']} | {r['examples']} | {r['exact_match']:.3f} | {r['answer_ce']:.3f} | "
-              f"{r.get('answer_ce_in_context', math.nan):.3f} | {r['length_error']:.3f} |" for r in rows]
+              f"{r.get('answer_ce_in_context', math.nan):.3f} | {r['length_error']:.3f} | {r['length_bias']:+.3f} |" for r in rows]
     lines += ["", "exact match by operand digits:"]
     lines += [f"  {r['split']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["exact_match_by_digits"].items())
               for r in rows]

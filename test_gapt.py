@@ -1870,9 +1870,16 @@ def test_exact_match_is_one_for_right_answers_and_zero_for_wrong_ones():
     right = sample.evaluate_arithmetic(Calculator(lambda a, b: str(a * b)), EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
     wrong = sample.evaluate_arithmetic(Calculator(lambda a, b: str((a * b + 1) * 10)), EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
     assert right["examples"] == wrong["examples"] == len(EXAMPLES)
-    assert right["exact_match"] == 1.0 and right["length_error"] == 0.0
-    assert wrong["exact_match"] == 0.0 and wrong["length_error"] == 1.0  # a wrong digit and one digit too many
+    assert right["exact_match"] == 1.0 and right["length_error"] == 0.0 == right["length_bias"]
+    assert wrong["exact_match"] == 0.0 and wrong["length_error"] == 1.0 == wrong["length_bias"]  # a wrong digit and one digit too many
     assert right["answer_ce"] < 1e-6 < 1.0 < wrong["answer_ce"]
+
+
+def test_length_bias_keeps_the_sign_the_length_error_drops():
+    short = sample.evaluate_arithmetic(Calculator(lambda a, b: str(a * b)[:-1]), EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
+    long = sample.evaluate_arithmetic(Calculator(lambda a, b: str(a * b) + "0"), EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
+    assert short["length_error"] == long["length_error"] == 1.0  # one digit off either way
+    assert short["length_bias"] == -1.0 and long["length_bias"] == 1.0  # answers that end too early, too late
 
 
 def test_exact_match_is_broken_down_by_operand_digits():
