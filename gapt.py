@@ -27,7 +27,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -609,7 +609,7 @@ def train(cfg):
             results = evaluate(model, cfg, paths, answer_sets, autocast_ctx, dist_info)
             stop_if_not_finite(results["val_ce"], "the validation loss", iter_num, cfg)
             stop_if_not_finite(stats[0].item(), "the training loss", iter_num, cfg)
-            rngs = gather_from_ranks(rng_states(data_gen, device), dist_info)  # a collective: all ranks
+            rngs = rng_states(data_gen, dist_info)  # a collective: all ranks
             improved = results["val_ce"] < best_val_loss
             best_val_loss = min(best_val_loss, results["val_ce"])
             if dist_info.master:
@@ -842,8 +842,13 @@ class Dist:
     local_rank: int  # rank on this node: which GPU to use
     world_size: int  # number of processes
     device: torch.device
+    held: list = field(default_factory=list)  # tensors a gloo worker may still hold (see shutdown_distributed)
     master = property(lambda self: self.rank == 0)
     ddp = property(lambda self: self.world_size > 1)
+
+    def hold(self, tensor):
+        """Keep a Python reference to a collective's tensor for as long as anything else references it."""
+        self.held = [t for t in self.held if t._use_count() > 1] + [tensor]
 
 
 def check_device(name, local_rank=0):
@@ -877,12 +882,17 @@ def setup_distributed(cfg):
 
 
 def shutdown_distributed(dist_info):
-    """Destroy the process group while Python is fully alive: its last reference going away joins the
-    gloo worker threads with the GIL released. A worker still freeing a finished collective's tensor
-    at interpreter exit would take the GIL during finalization, and C++ would abort the process
-    (SIGABRT) after a run that succeeded. The caller drops its DDP wrapper first: DDP holds the group."""
+    """Destroy the process group while Python is fully alive, and never let it deadlock.
+    A gloo worker thread drops its reference to a finished collective's tensors after the caller's
+    wait() has returned. If Python has freed those tensors by then, the worker must take the GIL to
+    free their Python objects. At interpreter exit that aborts the process (SIGABRT); and torch < 2.8
+    destroys the group holding the GIL while it waits for the workers, so the two wait for each other
+    for ever. Hence every collective's tensor is held (Dist.hold) until the group is gone: a worker
+    then only ever drops a reference, never frees a Python object. The caller drops DDP first: DDP
+    holds the group, and its own collectives use tensors the model keeps."""
     if dist_info.ddp:
         dist.destroy_process_group()
+        dist_info.held.clear()
 
 
 def micro_steps_per_process(cfg, dist_info):
@@ -896,15 +906,22 @@ def all_reduce_mean(tensor, dist_info):
     """Average over processes (gloo has no AVG op, so SUM then divide)."""
     if dist_info.ddp:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist_info.hold(tensor)
         tensor /= dist_info.world_size
     return tensor
 
 
-def gather_from_ranks(obj, dist_info):
-    gathered = [obj] * dist_info.world_size
-    if dist_info.ddp:
-        dist.all_gather_object(gathered, obj)
-    return gathered
+def gather_from_ranks(tensor, dist_info):
+    """Every rank's copy of a tensor of the same shape, on the CPU (all_gather_object would send
+    tensors it frees itself: see shutdown_distributed)."""
+    if not dist_info.ddp:
+        return [tensor]
+    tensor = tensor.to(dist_info.device)
+    gathered = [torch.empty_like(tensor) for _ in range(dist_info.world_size)]
+    dist.all_gather(gathered, tensor)
+    for t in [tensor] + gathered:
+        dist_info.hold(t)
+    return [t.cpu() for t in gathered]
 
 
 def autocast_context(cfg, device):
@@ -1038,11 +1055,15 @@ def load_weights(model, state):
                          f"another run's: start again with --init_from=scratch") from None
 
 
-def rng_states(data_gen, device):
-    state = dict(torch=torch.get_rng_state(), data=data_gen.get_state())
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def rng_states(data_gen, dist_info):
+    """Every rank's RNG states (torch, data stream and CUDA), one dict per rank: each is a uint8
+    tensor of a fixed size, so the ranks send them as one concatenated tensor."""
+    states = dict(torch=torch.get_rng_state(), data=data_gen.get_state())
+    if dist_info.device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(dist_info.device)
+    sizes = [len(v) for v in states.values()]
+    return [dict(zip(states, map(torch.clone, packed.split(sizes))))
+            for packed in gather_from_ranks(torch.cat(list(states.values())), dist_info)]
 
 
 def restore_run(checkpoint, model, optimizer, gate, data_gen, dist_info):
