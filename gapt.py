@@ -525,15 +525,18 @@ def measure_alignment(model, starts, cfg, train_path, autocast_ctx, dist_info):
     return dict(align_cos=values[0], align_cos_blocks=[None if math.isnan(v) else round(v, 5) for v in values[1:]])
 
 
-def read_back_steps(history, phases, cfg, log_path, dist_info):
+def read_back_steps(history, phases, resumed_phase, cfg, log_path, dist_info):
     """The losses and phases of the steps since the last log, read from the device in one sync:
-    each step's loss is checked, each phase change gets its row, and the last step's row is returned."""
+    each step's loss is checked, each phase change gets its row (the first step of a resumed run is
+    compared with the checkpointed step's phase), and the last step's row is returned."""
     values = torch.stack([torch.cat([s, p.view(1).to(s)]) for _, _, s, p in history]).tolist()
+    previous = phases[-1] if phases else resumed_phase
     for (it, lr, _, _), (ce, mbe_reg, phase) in zip(history, values):
         stop_if_not_finite(ce, "the training loss", it, cfg)
-        if phases and phase != phases[-1] and dist_info.master:
+        if previous is not None and phase != previous and dist_info.master:
             append_jsonl(log_path, dict(iter=it, event="phase_change", phase=int(phase)))
-        phases.append(int(phase))
+        previous = int(phase)
+        phases.append(previous)
     return dict(iter=it, phase=int(phase), ce=ce, mbe=mbe_reg, lr=lr)
 
 
@@ -554,7 +557,7 @@ def train(cfg):
 
     # the model, optimizer, gate and data stream: fresh, then loaded from the checkpoint when resuming
     model, optimizer, gate, data_gen = build_run(cfg, dist_info, meta)
-    iter_num, best_val_loss = restore_run(checkpoint, model, optimizer, gate, data_gen, dist_info)
+    iter_num, best_val_loss, resumed_phase = restore_run(checkpoint, model, optimizer, gate, data_gen, dist_info)
     autocast_ctx = autocast_context(cfg, device)
     log_path = start_log(cfg, dist_info, iter_num, model, micro_steps)
     # the training graph: compiled once (and wrapped in DDP); evaluation and alignment use `model`
@@ -594,7 +597,7 @@ def train(cfg):
 
         # logging: the loop's one host-device sync, every log_interval steps (read_back_steps)
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            row = read_back_steps(history, phases, cfg, log_path, dist_info)
+            row = read_back_steps(history, phases, resumed_phase, cfg, log_path, dist_info)
             dt = (time.time() - t_log) / len(history)
             row.update(ms_per_step=round(1000 * dt, 1), tok_per_s=round(tokens_per_step / dt))
             if peak:
@@ -619,7 +622,8 @@ def train(cfg):
                 if improved or cfg.always_save_checkpoint:
                     save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), dict(
                         model=model.state_dict(), optimizer=optimizer.state_dict(), config=dict(cfg),
-                        iter_num=iter_num, best_val_loss=best_val_loss, gapt=gate.state_dict(), rng=rngs))
+                        iter_num=iter_num, best_val_loss=best_val_loss, gapt=gate.state_dict(), rng=rngs,
+                        phase=int(phase)))  # the phase of the step just taken (a sync, like the evaluation's)
                 if improved and cfg.always_save_checkpoint:  # ckpt.pt is the latest; a run that then
                     keep_best_checkpoint(cfg.out_dir)  # diverges still leaves its best model in best.pt
             t_log = time.time()  # evaluation time is not training time
@@ -885,9 +889,9 @@ def shutdown_distributed(dist_info):
     """Destroy the process group while Python is fully alive, and never let it deadlock.
     A gloo worker thread drops its reference to a finished collective's tensors after the caller's
     wait() has returned. If Python has freed those tensors by then, the worker must take the GIL to
-    free their Python objects. At interpreter exit that aborts the process (SIGABRT); and torch < 2.8
-    destroys the group holding the GIL while it waits for the workers, so the two wait for each other
-    for ever. Hence every collective's tensor is held (Dist.hold) until the group is gone: a worker
+    free their Python objects. At interpreter exit that aborts the process (SIGABRT); and older torch
+    (2.4 here) destroys the group holding the GIL while it waits for the workers: the two wait for each
+    other for ever. Hence every collective's tensor is held (Dist.hold) until the group is gone: a worker
     then only ever drops a reference, never frees a Python object. The caller drops DDP first: DDP
     holds the group, and its own collectives use tensors the model keeps."""
     if dist_info.ddp:
@@ -1068,9 +1072,9 @@ def rng_states(data_gen, dist_info):
 
 def restore_run(checkpoint, model, optimizer, gate, data_gen, dist_info):
     """Load a checkpoint's state into the fresh run, each rank its own RNG streams; returns
-    (iter_num, best_val_loss)."""
+    (iter_num, best_val_loss, the phase of the checkpointed step: None in checkpoints before it was saved)."""
     if checkpoint is None:
-        return 0, math.inf
+        return 0, math.inf, None
     load_weights(model, checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     gate.load_state_dict(checkpoint["gapt"])
@@ -1083,7 +1087,7 @@ def restore_run(checkpoint, model, optimizer, gate, data_gen, dist_info):
     else:
         print(f"gapt.py: checkpoint has RNG states for {len(states)} processes, not {rank + 1}: "
               f"rank {rank} keeps its fresh seed, so the run is no longer bit-exact")
-    return checkpoint["iter_num"], checkpoint["best_val_loss"]
+    return checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint.get("phase")
 
 
 # -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +29,34 @@ from experiments import bench, forgetting, gpu_check, report
 from gapt import GAPT, GPT, GPTConfig, mbe, patch_mbe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def kill_tree(process):
+    """SIGKILL a program started by run_program or launched() and everything it started."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@contextlib.contextmanager
+def launched(*commands, env=None, cwd=None):
+    """Programs started as a user starts them, each in a process group of its own, so that however the
+    test ends (passed, failed, timed out) the whole tree goes with it: torchrun's ranks, tokenizer workers."""
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                  cwd=cwd, start_new_session=True) for command in commands]
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            kill_tree(process)
+
+
+def run_program(command, timeout, env=None, cwd=None):
+    """One program to its end (a CompletedProcess); a timeout fails the test and kills the tree."""
+    with launched(command, env=env, cwd=cwd) as (process,):
+        out, err = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 # -----------------------------------------------------------------------------
@@ -84,8 +113,7 @@ def load_ckpt(out_dir):
 
 def run_gapt(*args, env=None, launcher=(sys.executable,)):
     """gapt.py as a user runs it; returns the CompletedProcess."""
-    return subprocess.run([*launcher, os.path.join(HERE, "gapt.py"), *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return run_program([*launcher, os.path.join(HERE, "gapt.py"), *args], timeout=300, env=env)
 
 
 # -----------------------------------------------------------------------------
@@ -519,6 +547,17 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, data):
     assert a["gapt"] == b["gapt"]
 
 
+def test_a_run_resumed_just_before_a_phase_change_logs_it_and_reports_as_the_straight_run(tmp_path, data):
+    settings = dict(mode="gapt", patience_mem=1, patience_comp=2, delta_ce=0.5, delta_mbe=0.5, eval_interval=1)
+    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "straight", **settings))
+    changes = lambda out_dir: [r for r in read_log(out_dir) if r.get("event") == "phase_change"]
+    first = changes(tmp_path / "straight")[0]["iter"]  # the step whose phase differs from the one before
+    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "halves", max_iters=first - 1, **settings))
+    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "halves", init_from="resume", **settings))
+    assert changes(tmp_path / "halves") == changes(tmp_path / "straight")
+    assert report.summarize_runs([str(tmp_path / "halves")]) == report.summarize_runs([str(tmp_path / "straight")])
+
+
 def test_resume_takes_the_architecture_from_the_checkpoint_before_checking_the_data(tmp_path, data):
     gapt.train(tiny_config(tmp_path, max_iters=2))
     # a block_size longer than the 4,000-token val split would be refused, were it the run's
@@ -635,26 +674,31 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_ddp(result_dir, args, nproc=2, nodes=1):
+DDP_TIMEOUT = 180  # seconds for one torchrun job of a few tiny steps; they take 5-40 s on 2 busy cores
+
+
+def ddp_commands(result_dir, args, nproc=2, nodes=1):
     """torchrun as the README launches it: one launcher per node (all on this machine), gloo on CPU."""
     os.makedirs(result_dir, exist_ok=True)
     script = os.path.join(result_dir, "ddp_run.py")
     with open(script, "w") as f:
         f.write(DDP_SCRIPT)
-    env = dict(os.environ, RESULT_DIR=str(result_dir), OMP_NUM_THREADS="1")
     port = free_port()
-    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                              f"--nnodes={nodes}", f"--node_rank={node}", "--master_addr=127.0.0.1",
-                              f"--master_port={port}", script, *args],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return [[sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nodes}",
+             f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", script, *args]
             for node in range(nodes)]
+
+
+def ddp_env(result_dir):
+    return dict(os.environ, RESULT_DIR=str(result_dir), OMP_NUM_THREADS="1")
 
 
 def run_ddp(result_dir, args, nproc=2, nodes=1):
     """Every rank's result (final weights, phases, threads left after train())."""
-    for launcher in start_ddp(result_dir, args, nproc, nodes):
-        _, err = launcher.communicate(timeout=600)
-        assert launcher.returncode == 0, err[-3000:]
+    with launched(*ddp_commands(result_dir, args, nproc, nodes), env=ddp_env(result_dir)) as launchers:
+        for launcher in launchers:
+            _, err = launcher.communicate(timeout=DDP_TIMEOUT)
+            assert launcher.returncode == 0, err[-3000:]
     return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=True) for r in range(nproc * nodes)]
 
 
@@ -700,15 +744,16 @@ def test_resume_under_ddp_ends_with_the_weights_of_an_uninterrupted_run(tmp_path
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
-def test_killing_one_rank_ends_the_job_and_its_last_checkpoint_resumes(tmp_path, data):
+def test_killing_one_ddp_rank_ends_the_job_and_its_last_checkpoint_resumes(tmp_path, data):
     out_dir = tmp_path / "ddp" / "out"
     settings = dict(max_iters=100000, lr_decay_iters=100000, eval_interval=2)
-    (launcher,) = start_ddp(tmp_path / "ddp", tiny_args(tmp_path, out_dir=out_dir, **settings))
-    deadline = time.time() + 300
-    while not (out_dir / "ckpt.pt").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    os.kill(int((tmp_path / "ddp" / "pid1").read_text()), 9)
-    launcher.communicate(timeout=120)  # the surviving rank is stopped by torchrun: no hang
+    commands = ddp_commands(tmp_path / "ddp", tiny_args(tmp_path, out_dir=out_dir, **settings))
+    with launched(*commands, env=ddp_env(tmp_path / "ddp")) as (launcher,):
+        deadline = time.time() + DDP_TIMEOUT
+        while not (out_dir / "ckpt.pt").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        os.kill(int((tmp_path / "ddp" / "pid1").read_text()), 9)
+        launcher.communicate(timeout=DDP_TIMEOUT)  # the surviving rank is stopped by torchrun: no hang
     assert launcher.returncode != 0
     saved = load_ckpt(out_dir)["iter_num"]
     assert saved >= 2
@@ -722,8 +767,7 @@ def test_killing_one_rank_ends_the_job_and_its_last_checkpoint_resumes(tmp_path,
 # -----------------------------------------------------------------------------
 @pytest.mark.parametrize("script, defaults", [("gapt.py", gapt.DEFAULTS), ("sample.py", sample.SAMPLE_DEFAULTS)])
 def test_help_lists_every_key_with_its_default_and_its_comment(script, defaults):
-    done = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], capture_output=True, text=True,
-                          timeout=120)
+    done = run_program([sys.executable, os.path.join(HERE, script), "--help"], timeout=120)
     assert done.returncode == 0, done.stderr
     lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.strip().startswith("--")}
     assert set(lines) == {f"--{key}={default!r}" for key, default in defaults.items()}
@@ -808,8 +852,8 @@ def test_a_checkpoint_whose_weights_disagree_with_its_config_is_a_one_line_error
     checkpoint["config"]["n_layer"] = 4  # a block the weights do not have
     torch.save(checkpoint, tmp_path / "out" / "ckpt.pt")
     for done in (run_gapt(*tiny_args(tmp_path, init_from="resume", max_iters=4)),
-                 subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), f"--out_dir={tmp_path / 'out'}"],
-                                capture_output=True, text=True, timeout=120)):
+                 run_program([sys.executable, os.path.join(HERE, "sample.py"), f"--out_dir={tmp_path / 'out'}"],
+                             timeout=120)):
         assert done.returncode != 0 and "weights do not fit" in done.stderr and "Traceback" not in done.stderr
 
 
@@ -992,9 +1036,8 @@ def test_run_forgetting_writes_json_with_every_seed_mode_and_schedule(tmp_path, 
 
 
 def test_the_forgetting_task_runs_from_the_command_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "experiments.forgetting", "--seeds=1", "--steps=16",
-                           "--eval_interval=8", "--n_eval=64", f"--out_dir={tmp_path}"],
-                          capture_output=True, text=True, cwd=HERE, timeout=300)
+    done = run_program([sys.executable, "-m", "experiments.forgetting", "--seeds=1", "--steps=16",
+                        "--eval_interval=8", "--n_eval=64", f"--out_dir={tmp_path}"], timeout=300, cwd=HERE)
     assert done.returncode == 0, done.stderr
     assert "separation" in done.stdout and (tmp_path / "forgetting.json").exists()
 
@@ -1197,9 +1240,9 @@ def test_run_forgetting_reports_both_separations_against_the_baseline(tmp_path, 
 
 
 def test_the_authors_regime_runs_from_its_config_file(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "experiments.forgetting", "config/forgetting_author.py",
-                           "--seeds=1", "--steps=4", "--micro_batches=2", "--eval_interval=4", "--n_eval=64",
-                           f"--out_dir={tmp_path}"], capture_output=True, text=True, cwd=HERE, timeout=300)
+    done = run_program([sys.executable, "-m", "experiments.forgetting", "config/forgetting_author.py",
+                        "--seeds=1", "--steps=4", "--micro_batches=2", "--eval_interval=4", "--n_eval=64",
+                        f"--out_dir={tmp_path}"], timeout=300, cwd=HERE)
     assert done.returncode == 0, done.stderr
     config = json.loads((tmp_path / "forgetting.json").read_text())["config"]
     assert (config["n_train"], config["lr"], config["mbe_weight"], config["schedules"]) == (500, 1e-2, 10.0, "pretrain_finetune")
@@ -1381,7 +1424,8 @@ def test_spawned_worker_processes_tokenize_the_same(tmp_path):
     script = (f"import multiprocessing, sys; sys.path.insert(0, {HERE!r}); import prepare_data; "
               f"multiprocessing.set_start_method('spawn'); prepare_data.main(['text', '--files', "
               f"{str(tmp_path / 'd.jsonl')!r}, '--name', 'd', '--num_proc', '2', '--data_dir', {str(tmp_path / 'data')!r}])")
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    done = run_program([sys.executable, "-c", script], timeout=120)
+    assert done.returncode == 0, done.stderr
     train_docs, _ = split_docs(NONEMPTY, 10)
     assert read_bin(tmp_path / "data/d/train.bin") == expected_tokens(train_docs)
 
@@ -1468,8 +1512,8 @@ def test_single_document_leaves_train_empty_and_writes_nothing(tmp_path):
 
 
 def cli(tmp_path, *args, **env):
-    return subprocess.run([sys.executable, os.path.join(HERE, "prepare_data.py"), *args], cwd=tmp_path,
-                          capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
+    return run_program([sys.executable, os.path.join(HERE, "prepare_data.py"), *args], timeout=60, cwd=tmp_path,
+                       env={**os.environ, **env})
 
 
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
@@ -1997,8 +2041,7 @@ def test_the_dataset_without_val_ood_is_named(arith_run, tmp_path):
     ("--top_k=0", "sample.py: no checkpoint at"),
 ])
 def test_command_line_errors_exit_nonzero_naming_sample_py(tmp_path, arg, message):
-    done = subprocess.run([sys.executable, os.path.abspath(sample.__file__), f"--out_dir={tmp_path}", arg],
-                          capture_output=True, text=True)
+    done = run_program([sys.executable, os.path.abspath(sample.__file__), f"--out_dir={tmp_path}", arg], timeout=120)
     assert done.returncode != 0 and message in done.stderr
 
 
