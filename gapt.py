@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from prepare_data import answer_sets, check_split, read_meta  # the data format is checked where it is defined
+from prepare_data import answer_sets, check_split, read_meta, stop  # the data format is checked where it is defined
 
 # -----------------------------------------------------------------------------
 # Config
@@ -96,6 +96,7 @@ DEFAULTS = dict(
     device="auto",  # 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype="auto",  # 'auto' (bfloat16 on CUDA, float32 elsewhere), 'bfloat16' or 'float32'
     compile=True,  # torch.compile the model (training steps only)
+    threads=0,  # CPU threads per process; 0 = auto: the cores but one, shared by this machine's processes
     seed=1337,  # one seed for init, data order and dropout
 )
 
@@ -273,15 +274,6 @@ def iblm_loss(ce, mbe_reg, weight):
     return ce + weight * mbe_reg
 
 
-def mbe_weight_for(mode, mbe_weight, gate):
-    """lambda for the next step: 0 in baseline, always on in iblm, on in GAPT's compression phase."""
-    if mode == "baseline":
-        return 0.0
-    if mode == "iblm":
-        return mbe_weight
-    return mbe_weight * (gate.state["phase"] == 2)
-
-
 # -----------------------------------------------------------------------------
 # GAPT: the Gated Phase Transition. Memorize (CE only) until CE stops improving, then compress
 # (CE + lambda * MBE) until MBE stops improving or CE gets worse by more than tau; repeat.
@@ -331,21 +323,28 @@ class GAPT:
         s, where = self.state, torch.where
         # float64 so that the comparisons with delta are those of the rule in Python floats
         ce, mbe = (torch.as_tensor(v, dtype=torch.float64, device=self.device).detach() for v in (ce, mbe))
-        ce_min = torch.minimum(s["ce_min"], ce)  # both branches first track the best CE
+        # what both phases read: the best CE so far, and progress against the best CE and MBE
+        ce_min = torch.minimum(s["ce_min"], ce)
         ce_progress, mbe_progress = ce < s["ce_min"] - self.delta_ce, mbe < s["mbe_min"] - self.delta_mbe
-        if self.comp_end == "patience":  # a Python setting, not a tensor: no sync
+        # the author's executed gate (comp_end='patience'): MBE progress is never tested, and the run's
+        # first step, with no best CE yet, counts as no CE progress (a Python setting: no sync)
+        if self.comp_end == "patience":
             ce_progress, mbe_progress = ce_progress & s["ce_min"].isfinite(), torch.zeros_like(mbe_progress)
 
+        # phase 1, memorization: count steps without CE progress; at patience_mem, compress
         s_m = where(ce_progress, 0, s["s_m"] + 1)
-        plateau = s_m >= self.patience_mem
-        memorize = dict(phase=where(plateau, 2, 1), s_m=s_m, s_c=where(plateau, 0, s["s_c"]),
-                        ce_min=where(plateau, math.inf, ce_min), mbe_min=where(plateau, math.inf, s["mbe_min"]))
+        ce_plateau = s_m >= self.patience_mem
+        memorize = dict(phase=where(ce_plateau, 2, 1), s_m=s_m, s_c=where(ce_plateau, 0, s["s_c"]),
+                        ce_min=where(ce_plateau, math.inf, ce_min), mbe_min=where(ce_plateau, math.inf, s["mbe_min"]))
 
-        spike = ce > (1 + self.tau) * ce_min
+        # phase 2, compression: memorize again when CE rises above (1 + tau) * its best, or MBE has
+        # made no progress for patience_comp steps
+        ce_spike = ce > (1 + self.tau) * ce_min
         s_c = where(mbe_progress, 0, s["s_c"] + 1)
-        done = spike | (s_c >= self.patience_comp)
-        compress = dict(phase=where(done, 1, 2), s_m=where(done, 0, s["s_m"]), s_c=where(spike, s["s_c"], s_c),
-                        ce_min=ce_min, mbe_min=where(spike, s["mbe_min"], torch.minimum(s["mbe_min"], mbe)))
+        stop_compressing = ce_spike | (s_c >= self.patience_comp)
+        compress = dict(phase=where(stop_compressing, 1, 2), s_m=where(stop_compressing, 0, s["s_m"]),
+                        s_c=where(ce_spike, s["s_c"], s_c), ce_min=ce_min,
+                        mbe_min=where(ce_spike, s["mbe_min"], torch.minimum(s["mbe_min"], mbe)))
 
         self.state = {k: where(s["phase"] == 1, memorize[k], compress[k]) for k in s}
         return self.state["phase"]
@@ -356,6 +355,17 @@ class GAPT:
     def load_state_dict(self, state):
         dtypes = dict(phase=torch.int64, s_m=torch.int64, s_c=torch.int64, ce_min=torch.float64, mbe_min=torch.float64)
         self.state = {k: torch.tensor(state[k], dtype=dtypes[k], device=self.device) for k in dtypes}
+
+
+def phase_and_weight(mode, mbe_weight, gate):
+    """The phase of the next step and its lambda, decided here only: baseline always memorizes
+    (phase 1, no MBE term), iblm always compresses (phase 2, lambda), gapt follows its gate. The
+    gate's phase stays a device tensor, and so does its lambda: reading them never waits for a GPU."""
+    if mode == "baseline":
+        return 1, 0.0
+    if mode == "iblm":
+        return 2, mbe_weight
+    return gate.state["phase"], mbe_weight * (gate.state["phase"] == 2)
 
 
 # -----------------------------------------------------------------------------
@@ -465,11 +475,14 @@ def evaluate(model, cfg, paths, answer_sets, autocast_ctx, dist_info):
             results["val_mbe_all"] = spectra[:, 0].mean().item()  # the paper's comparison averages all blocks
             for key, column in zip(SPECTRUM_KEYS, spectra.T.tolist()):
                 results[f"val_{key}_blocks"] = [round(v, 5) for v in column]
+    if answer_sets:  # the product's digits, by the vocabulary: the author's format also writes a space after '='
+        digits = {i for i, token in enumerate(read_meta(cfg.data_dir, cfg.dataset)["tokenizer"]) if token.isdigit()}
     for split, (examples, sep_token) in answer_sets.items():
         # every rank scores the same fixed examples, so there is nothing to average
         with autocast_ctx:
-            results[f"{split}_answer_ce"] = answer_ce(model, examples, sep_token, dist_info.device)
+            scores = answer_scores(model, examples, sep_token, digits, dist_info.device)
             in_context = answer_ce_in_context(model, examples, sep_token, dist_info.device, cfg.block_size)
+        results.update({f"{split}_{key}": value for key, value in scores.items()})  # val_answer_ce, val_end_ce, ...
         if math.isfinite(in_context):  # NaN: the window is too short to hold two of the longest examples
             results[f"{split}_answer_ce_in_context"] = in_context
     model.train()
@@ -491,7 +504,8 @@ def learning_rate(it, cfg):
 
 def train_step(model, optimizer, starts, weight, cfg, train_path, autocast_ctx, dist_info):
     """One optimizer step over this rank's micro-batches (starts: (micro_steps, batch_size)).
-    Returns the step's (ce, mbe_reg), averaged over micro-batches and ranks, still on the device."""
+    Returns the step's [ce, mbe_reg], averaged over micro-batches and ranks, still on the device
+    (unpacking them into two names reads nothing back)."""
     micro_steps = len(starts)
     stats = torch.zeros(2, device=dist_info.device)
     X, Y = load_windows(train_path, starts[0], cfg.block_size, dist_info.device)
@@ -529,9 +543,10 @@ def read_back_steps(history, phases, resumed_phase, cfg, log_path, dist_info):
     """The losses and phases of the steps since the last log, read from the device in one sync:
     each step's loss is checked, each phase change gets its row (the first step of a resumed run is
     compared with the checkpointed step's phase), and the last step's row is returned."""
-    values = torch.stack([torch.cat([s, p.view(1).to(s)]) for _, _, s, p in history]).tolist()
+    values = torch.stack([torch.stack([ce, mbe_reg, torch.as_tensor(phase).to(ce)])
+                          for _, _, ce, mbe_reg, phase in history]).tolist()  # (steps, 3): the one sync
     previous = phases[-1] if phases else resumed_phase
-    for (it, lr, _, _), (ce, mbe_reg, phase) in zip(history, values):
+    for (it, lr, *_), (ce, mbe_reg, phase) in zip(history, values):
         stop_if_not_finite(ce, "the training loss", it, cfg)
         if previous is not None and phase != previous and dist_info.master:
             append_jsonl(log_path, dict(iter=it, event="phase_change", phase=int(phase)))
@@ -542,6 +557,7 @@ def read_back_steps(history, phases, resumed_phase, cfg, log_path, dist_info):
 
 def train(cfg):
     dist_info = setup_distributed(cfg)
+    set_threads(cfg.threads)
     device = dist_info.device
     micro_steps = micro_steps_per_process(cfg, dist_info)
 
@@ -549,6 +565,8 @@ def train(cfg):
     checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device) if cfg.init_from == "resume" else None
     if checkpoint is not None:  # resuming: the architecture is the checkpoint's, whatever the command line says
         cfg.update({key: checkpoint["config"][key] for key in MODEL_KEYS})
+        if dist_info.master:
+            say_what_changed_since(checkpoint, cfg)
     meta, paths, answer_sets = check_data(cfg)
     if dist_info.master:
         check_out_dir(cfg)
@@ -566,7 +584,7 @@ def train(cfg):
     n_train = os.path.getsize(paths["train"]) // 2
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     flops_step, peak = flops_per_token(model) * tokens_per_step, peak_flops(device)
-    history = []  # (iter, lr, [ce, mbe], phase) of the steps since the last log, still on the device
+    history = []  # (iter, lr, ce, mbe_reg, phase) of the steps since the last log, still on the device
     phases = []  # the phase of every step, for the caller
     t_log = time.time()
     while iter_num < cfg.max_iters:
@@ -579,25 +597,24 @@ def train(cfg):
 
         # the cycle probe: cos(grad CE, grad MBE_reg) on this step's first micro-batch, before the update
         if cfg.align_interval and iter_num % cfg.align_interval == 0:
-            row = dict(iter=iter_num, **measure_alignment(model, starts[0], cfg, paths["train"], autocast_ctx, dist_info))
+            row = dict(iter=iter_num, **measure_alignment(model, starts[0], cfg, paths["train"], autocast_ctx,
+                                                          dist_info))  # sync: its cosines are read back
             if dist_info.master:
                 append_jsonl(log_path, row)
 
         # one optimizer step with this step's lambda, then the gate decides the next step's phase
-        # (the logged phase says whether MBE was in the loss: the gate's, always 2 in iblm, 1 in baseline)
-        phase = gate.state["phase"] if cfg.mode == "gapt" else torch.tensor(2 if cfg.mode == "iblm" else 1)
-        weight = mbe_weight_for(cfg.mode, cfg.mbe_weight, gate)
-        stats = train_step(train_model, optimizer, starts, weight, cfg, paths["train"], autocast_ctx, dist_info)
+        phase, weight = phase_and_weight(cfg.mode, cfg.mbe_weight, gate)
+        ce, mbe_reg = train_step(train_model, optimizer, starts, weight, cfg, paths["train"], autocast_ctx, dist_info)
         if cfg.mode == "gapt":  # gate_reads='test_ood' feeds it a test loss instead: the leak, measured
-            gate_ce = (stats[0] if cfg.gate_reads == "train"
-                       else leaked_test_ce(model, iter_num, cfg, paths, autocast_ctx, dist_info))
-            gate.step(gate_ce, stats[1])
+            gate_ce = ce if cfg.gate_reads == "train" else leaked_test_ce(model, iter_num, cfg, paths, autocast_ctx, dist_info)
+            gate.step(gate_ce, mbe_reg)
         iter_num += 1
-        history.append((iter_num, lr, stats, phase))
+        history.append((iter_num, lr, ce, mbe_reg, phase))  # still on the device: nothing has waited for it
 
-        # logging: the loop's one host-device sync, every log_interval steps (read_back_steps)
+        # logging, every log_interval steps. The loop's host-device syncs are here (the steps since the
+        # last log, read back at once), in the alignment probe and in the evaluation; none in between.
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            row = read_back_steps(history, phases, resumed_phase, cfg, log_path, dist_info)
+            row = read_back_steps(history, phases, resumed_phase, cfg, log_path, dist_info)  # sync
             dt = (time.time() - t_log) / len(history)
             row.update(ms_per_step=round(1000 * dt, 1), tok_per_s=round(tokens_per_step / dt))
             if peak:
@@ -609,9 +626,9 @@ def train(cfg):
 
         # evaluation and checkpoint (the RNG states of every rank go in, so resuming is exact)
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-            results = evaluate(model, cfg, paths, answer_sets, autocast_ctx, dist_info)
+            results = evaluate(model, cfg, paths, answer_sets, autocast_ctx, dist_info)  # sync: its .item()s
             stop_if_not_finite(results["val_ce"], "the validation loss", iter_num, cfg)
-            stop_if_not_finite(stats[0].item(), "the training loss", iter_num, cfg)
+            stop_if_not_finite(ce.item(), "the training loss", iter_num, cfg)  # sync
             rngs = rng_states(data_gen, dist_info)  # a collective: all ranks
             improved = results["val_ce"] < best_val_loss
             best_val_loss = min(best_val_loss, results["val_ce"])
@@ -640,25 +657,40 @@ def train(cfg):
 # Arithmetic answers, the paper's OOD metric: each example scored alone and in a stream of examples
 # -----------------------------------------------------------------------------
 @torch.no_grad()
-def answer_ce(model, examples, sep_token, device, batch_size=256):
-    """Mean CE over the answer digits (the tokens after sep_token '=' and before the final eot),
-    with the whole example as prompt: how well the model predicts the product, digit by digit."""
-    total, count = 0.0, 0
+def answer_scores(model, examples, sep_token, digits, device, batch_size=256):
+    """Teacher-forced CEs of the answers, each example its own prompt, from one forward pass and one
+    read-back: where along the product the model goes wrong. digits: the set of digit ids.
+      answer_ce: the mean over the answer tokens, after sep_token '=' and before the final eot (in the
+        author's format the space after '=' too, as their code scores it);
+      answer_ce_from_first, answer_ce_from_last: the mean CE of the product's digits by position,
+        counted from the leading digit and from the last ([0] is that digit), each over the products
+        that have the position: lists as long as the longest product;
+      end_ce: the mean CE of the final eot: does the model know the product ends there?"""
+    width = max(len(ex) for ex in examples)
+    idx = torch.zeros(len(examples), width, dtype=torch.long)  # right padding: causal attention never looks at it
+    # each scored target, as an index into the (N, width - 1) CEs flattened, and the bin it is averaged in:
+    # 0 the answer, 1 the eot, 2k and 2k + 1 the k-th digit from the first and from the last
+    targets, bins = [], []
+    for row, ex in enumerate(examples):
+        idx[row, :len(ex)] = torch.tensor(ex)
+        eq, end = ex.index(sep_token), len(ex) - 2  # position t predicts ex[t + 1]: eq .. end - 1 the answer
+        digit_at = [t for t in range(eq, end) if ex[t + 1] in digits]
+        scored = ([(t, 0) for t in range(eq, end)] + [(end, 1)]
+                  + [(t, 2 * k) for k, t in enumerate(digit_at, 1)]
+                  + [(t, 2 * k + 1) for k, t in enumerate(reversed(digit_at), 1)])
+        targets += [row * (width - 1) + t for t, _ in scored]
+        bins += [b for _, b in scored]
+    targets, bins = torch.tensor(targets), torch.tensor(bins)
+    idx = idx.to(device)  # copied once: no copy inside the loop waits for the device
+    ce = torch.empty(len(examples), width - 1, device=device)
     for i in range(0, len(examples), batch_size):
-        batch = examples[i:i + batch_size]
-        width = max(len(e) for e in batch)
-        idx = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.bool)  # True where the *target* is an answer digit
-        for row, ex in enumerate(batch):
-            idx[row, :len(ex)] = torch.tensor(ex)  # right padding: causal attention never looks at it
-            eq = ex.index(sep_token)
-            mask[row, eq:len(ex) - 2] = True  # positions eq .. L-3 predict digits eq+1 .. L-2
-        idx, mask = idx.to(device), mask.to(device)
-        logits = model.all_logits(idx[:, :-1]).float()  # (B, width-1, vocab)
-        nll = F.cross_entropy(logits.transpose(1, 2), idx[:, 1:], reduction="none")  # (B, width-1)
-        total += nll[mask[:, :-1]].sum().item()
-        count += int(mask.sum())
-    return total / count
+        x = idx[i:i + batch_size]
+        logits = model.all_logits(x[:, :-1]).float()  # (B, width - 1, vocab)
+        ce[i:i + batch_size] = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+    ce = ce.flatten().cpu().double()  # the one read-back; summed on the host, in the same order every time
+    counts = bins.bincount()
+    means = (torch.zeros(len(counts), dtype=torch.float64).index_add_(0, bins, ce[targets]) / counts).tolist()
+    return dict(answer_ce=means[0], answer_ce_from_first=means[2::2], answer_ce_from_last=means[3::2], end_ce=means[1])
 
 
 @torch.no_grad()
@@ -720,7 +752,7 @@ RULES = {  # what each key must be (types are checked against DEFAULTS)
                                           "eval_interval", "answer_eval_examples", "learning_rate", "vocab_size")),
     **rule(lambda v: v >= 0, ">= 0", ("mbe_weight", "mbe_skip_first", "mbe_skip_last", "delta_ce", "delta_mbe",
                                        "patience_mem", "patience_comp", "tau", "align_interval", "warmup_iters",
-                                       "lr_decay_iters", "min_lr", "weight_decay", "grad_clip")),
+                                       "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "threads")),
     **rule(lambda v: 0 <= v < 1, "in [0, 1)", ("dropout", "beta1", "beta2")),
     **rule(lambda v: v != "", "a non-empty path or name", ("out_dir", "data_dir", "dataset")),
     **rule(lambda v: v in ("baseline", "iblm", "gapt"), "one of baseline, iblm, gapt", ("mode",)),
@@ -729,13 +761,6 @@ RULES = {  # what each key must be (types are checked against DEFAULTS)
     **rule(lambda v: v in ("train", "test_ood"), "one of train, test_ood", ("gate_reads",)),
     **rule(lambda v: v in ("auto", "bfloat16", "float32"), "one of auto, bfloat16, float32", ("dtype",)),
 }
-
-
-class ConfigError(SystemExit):
-    """Bad configuration: a non-zero exit with one line that names the key and the fix."""
-
-    def __init__(self, message):
-        super().__init__(f"{os.path.basename(sys.argv[0])}: {message}")  # gapt.py, sample.py, experiments
 
 
 class Config(dict):
@@ -763,27 +788,28 @@ def check_type(key, value, default):
     if type(default) is float and type(value) is int:
         return float(value)  # 1 where 1.0 is expected
     if type(value) is not type(default):
-        raise ConfigError(f"{key} must be {type(default).__name__} (like the default {default!r}), got {value!r}")
+        stop(f"{key} must be {type(default).__name__} (like the default {default!r}), got {value!r}")
     return value
 
 
 def read_config_file(path):
     """A config file is Python assignments (batch_size = 8); names starting with _ are its own."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} not found (arguments are config files or --key=value)")
+        stop(f"config file {path!r} not found (arguments are config files or --key=value)")
     namespace = {}
     try:
         with open(path, encoding="utf-8") as f:
             exec(f.read(), {}, namespace)
     except Exception as e:  # a syntax error, a name error, not UTF-8: whatever the file does wrong
-        raise ConfigError(f"config file {path!r} could not be read ({type(e).__name__}: {e}); "
-                          f"it must be Python assignments such as: batch_size = 8") from None
+        stop(f"config file {path!r} could not be read ({type(e).__name__}: {e}); "
+             f"it must be Python assignments such as: batch_size = 8")
     return {k: v for k, v in namespace.items() if not k.startswith("_")}
 
 
-def parse_config(argv, defaults):
-    """Defaults, then config files in order, then --key=value; unknown keys and wrong types are errors.
-    sample.py and experiments/ parse their own defaults with it too."""
+def parse_config(argv, defaults, rules=None):
+    """Defaults, then config files in order, then --key=value; unknown keys, wrong types and values that
+    break a rule ({key: (check, requirement)}, like RULES) are errors. sample.py and experiments/ parse
+    their own defaults and rules with it too."""
     if "--help" in argv or "-h" in argv:
         print_help(defaults)
     cfg = Config(defaults)
@@ -791,14 +817,17 @@ def parse_config(argv, defaults):
         if arg.startswith("--"):
             key, has_value, text = arg[2:].partition("=")
             if not has_value:
-                raise ConfigError(f"write overrides as --key=value, got {arg!r}")
+                stop(f"write overrides as --key=value, got {arg!r}")
             updates = {key: parse_value(key, text, defaults.get(key, ""))}
         else:
             updates = read_config_file(arg)
         for key, value in updates.items():
             if key not in defaults:
-                raise ConfigError(f"unknown config key {key!r} (the keys are the defaults at the top of the script)")
+                stop(f"unknown config key {key!r} (the keys are the defaults at the top of the script)")
             cfg[key] = check_type(key, value, defaults[key])
+    for key, (check, requirement) in (rules or {}).items():
+        if not check(cfg[key]):
+            stop(f"{key} must be {requirement}, got {cfg[key]!r}")
     return cfg
 
 
@@ -817,24 +846,22 @@ def print_help(defaults):
 
 
 def load_config(argv):
-    cfg = parse_config(argv, DEFAULTS)
+    cfg = parse_config(argv, DEFAULTS, RULES)
     validate_config(cfg)
     return cfg
 
 
 def validate_config(cfg):
-    for key, (check, requirement) in RULES.items():
-        if not check(cfg[key]):
-            raise ConfigError(f"{key} must be {requirement}, got {cfg[key]!r}")
+    """What no single key's rule can say: how the keys must fit together."""
     check_device(cfg.device)
     if cfg.block_size % cfg.patch_size:
-        raise ConfigError(f"block_size ({cfg.block_size}) must be a multiple of patch_size ({cfg.patch_size}): "
-                          f"the patch MBE cuts each sequence into whole patches")
+        stop(f"block_size ({cfg.block_size}) must be a multiple of patch_size ({cfg.patch_size}): "
+             f"the patch MBE cuts each sequence into whole patches")
     if cfg.n_embd % cfg.n_head:
-        raise ConfigError(f"n_embd ({cfg.n_embd}) must be a multiple of n_head ({cfg.n_head})")
+        stop(f"n_embd ({cfg.n_embd}) must be a multiple of n_head ({cfg.n_head})")
     if cfg.mbe_skip_first + cfg.mbe_skip_last >= cfg.n_layer:
-        raise ConfigError(f"mbe_skip_first + mbe_skip_last ({cfg.mbe_skip_first} + {cfg.mbe_skip_last}) "
-                          f"must leave at least one of the {cfg.n_layer} blocks to regularize")
+        stop(f"mbe_skip_first + mbe_skip_last ({cfg.mbe_skip_first} + {cfg.mbe_skip_last}) "
+             f"must leave at least one of the {cfg.n_layer} blocks to regularize")
 
 
 # -----------------------------------------------------------------------------
@@ -862,11 +889,11 @@ def check_device(name, local_rank=0):
     try:
         device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
     except RuntimeError:
-        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}") from None
+        stop(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but this torch has no CUDA device; use --device=cpu (or auto)")
+        stop(f"device={name!r} but this torch has no CUDA device; use --device=cpu (or auto)")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device={name!r} but MPS is not available here; use --device=cpu (or auto)")
+        stop(f"device={name!r} but MPS is not available here; use --device=cpu (or auto)")
     return device
 
 
@@ -899,10 +926,21 @@ def shutdown_distributed(dist_info):
         dist_info.held.clear()
 
 
+def set_threads(threads):
+    """torch's default, a thread per core, makes a CPU run crawl as soon as anything else runs: its
+    threads wait for each other at every operation (measured in experiments/README.md, "Threads").
+    Auto leaves one core to the rest of the machine; torchrun's OMP_NUM_THREADS, or yours, wins."""
+    if threads == 0:
+        if "OMP_NUM_THREADS" in os.environ:
+            return
+        threads = max(1, ((os.cpu_count() or 1) - 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    torch.set_num_threads(threads)
+
+
 def micro_steps_per_process(cfg, dist_info):
     if cfg.gradient_accumulation_steps % dist_info.world_size:
-        raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the "
-                          f"number of processes ({dist_info.world_size}): it counts micro-batches over all of them")
+        stop(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the "
+             f"number of processes ({dist_info.world_size}): it counts micro-batches over all of them")
     return cfg.gradient_accumulation_steps // dist_info.world_size
 
 
@@ -971,9 +1009,9 @@ def build_run(cfg, dist_info, meta):
     """A fresh model, optimizer, gate and data stream."""
     device = dist_info.device
     if model_vocab_size(cfg, meta) != cfg.vocab_size:  # only a resumed run can disagree with its data
-        raise SystemExit(f"gapt.py: the checkpoint's model has a vocabulary of {cfg.vocab_size} but dataset "
-                         f"'{cfg.dataset}' needs {model_vocab_size(cfg, meta)}: it was trained on another dataset. "
-                         f"Resume with its own --dataset, or start a new run with --init_from=scratch")
+        stop(f"the checkpoint's model has a vocabulary of {cfg.vocab_size} but dataset "
+             f"'{cfg.dataset}' needs {model_vocab_size(cfg, meta)}: it was trained on another dataset. "
+             f"Resume with its own --dataset, or start a new run with --init_from=scratch")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
@@ -1016,47 +1054,76 @@ def save_checkpoint(path, checkpoint):
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # a full disk, a read-only folder (torch reports some as RuntimeError)
-        if os.path.exists(tmp):
-            os.remove(tmp)  # a partial file would only keep the disk full
-        raise SystemExit(f"gapt.py: could not write the checkpoint {path} ({e}); the previous one, if any, is "
-                         f"intact. Free disk space or choose another --out_dir, then resume with --init_from=resume")
+        stop(f"could not write the checkpoint {path} ({e}); the previous one, if any, is "
+             f"intact. Free disk space or choose another --out_dir, then resume with --init_from=resume")
+    finally:
+        remove_if_exists(tmp)  # a partial file would only keep the disk full (also after Ctrl-C mid-write)
 
 
 def keep_best_checkpoint(out_dir):
-    """best.pt: a copy of ckpt.pt at the evaluation with the lowest validation CE so far."""
+    """best.pt: the checkpoint of the evaluation with the lowest validation CE so far. A hard link to
+    ckpt.pt, not a copy, so it costs no disk until a later, worse checkpoint replaces ckpt.pt (a file
+    system without hard links gets a copy)."""
+    ckpt, best, tmp = (os.path.join(out_dir, name) for name in ("ckpt.pt", "best.pt", "best.pt.tmp"))
     try:
-        shutil.copyfile(os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt.tmp"))
-        os.replace(os.path.join(out_dir, "best.pt.tmp"), os.path.join(out_dir, "best.pt"))
+        remove_if_exists(tmp)
+        try:
+            os.link(ckpt, tmp)
+        except OSError:
+            shutil.copyfile(ckpt, tmp)
+        os.replace(tmp, best)
     except OSError as e:
-        raise SystemExit(f"gapt.py: could not copy the checkpoint to {os.path.join(out_dir, 'best.pt')} ({e}); "
-                         f"free disk space, then resume with --init_from=resume")
+        stop(f"could not keep {ckpt} as {best} ({e}); {ckpt} is intact: free disk space, "
+             f"then resume with --init_from=resume")
+    finally:
+        remove_if_exists(tmp)
 
 
-def load_checkpoint(path, device):
-    """A checkpoint gapt.py wrote, or a one-line error saying what is wrong with the file."""
+def remove_if_exists(path):
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def load_checkpoint(path, device, fix="start again with --init_from=scratch"):
+    """A checkpoint gapt.py wrote, or a one-line error saying what is wrong with the file and, in fix,
+    what the program reading it can do (sample.py says how to train one)."""
     if not os.path.exists(path):
-        raise SystemExit(f"gapt.py: init_from=resume but there is no checkpoint at {path}; "
-                         f"start a new run with --init_from=scratch or point --out_dir at the run to resume")
+        stop(f"init_from=resume but there is no checkpoint at {path}; "
+             f"start a new run with --init_from=scratch or point --out_dir at the run to resume")
     try:
         # weights_only: only tensors and plain values are unpickled, so a checkpoint cannot run code
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises many kinds for an empty, truncated or foreign file
-        raise SystemExit(f"gapt.py: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
-                         f"it may be truncated or not from gapt.py: start again with --init_from=scratch") from None
+        stop(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+             f"it may be truncated or not from gapt.py: {fix}")
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    missing += [f"config[{k!r}]" for k in (*MODEL_KEYS, "dataset", "data_dir")
+                if isinstance(config, dict) and k not in config]
     if missing:
-        raise SystemExit(f"gapt.py: {path} is not a gapt.py checkpoint (no {', '.join(missing)}); "
-                         f"start again with --init_from=scratch or point --out_dir at a gapt.py run")
+        stop(f"{path} is not a gapt.py checkpoint (no {', '.join(missing)}); "
+             f"{fix} or point --out_dir at a gapt.py run")
     return checkpoint
 
 
-def load_weights(model, state):
+def load_weights(model, state, fix="start again with --init_from=scratch"):
     try:
         model.load_state_dict(state)
     except RuntimeError as e:  # missing or unexpected keys, other shapes: not the model its config describes
-        raise SystemExit(f"gapt.py: the checkpoint's weights do not fit the model its config describes "
-                         f"({str(e).splitlines()[1].strip()[:160]} ...); the file was edited or mixed up with "
-                         f"another run's: start again with --init_from=scratch") from None
+        stop(f"the checkpoint's weights do not fit the model its config describes "
+             f"({next((l.strip() for l in str(e).splitlines()[1:]), str(e))[:160]} ...); the file was edited or mixed up with "
+             f"another run's: {fix}")
+
+
+def say_what_changed_since(checkpoint, cfg):
+    """Resuming with another mode, lambda or schedule is allowed (a second phase of training, a longer
+    run), but never silently: one line names every setting that differs from the checkpoint's."""
+    saved = checkpoint["config"]
+    changed = [f"{key} {saved[key]!r} -> {cfg[key]!r}" for key in cfg
+               if key != "init_from" and key in saved and saved[key] != cfg[key]]
+    if changed:
+        print(f"{os.path.basename(sys.argv[0])}: resuming at iter {checkpoint['iter_num']} with settings changed "
+              f"since the checkpoint: {', '.join(changed)}")
 
 
 def rng_states(data_gen, dist_info):
@@ -1097,29 +1164,44 @@ def check_data(cfg):
     """meta.json, the train and val files and the arithmetic answer sets; a bad dataset stops the
     run with nothing in out_dir to clean up."""
     meta = read_meta(cfg.data_dir, cfg.dataset)
-    splits = ("train", "val") + (("test_ood",) if cfg.gate_reads == "test_ood" else ())
-    paths = {split: check_split(cfg.data_dir, cfg.dataset, split, cfg.block_size, meta) for split in splits}
+    paths = {split: check_split(cfg.data_dir, cfg.dataset, split, cfg.block_size, meta) for split in ("train", "val")}
     sets = answer_sets(cfg.data_dir, cfg.dataset, meta, cfg.answer_eval_examples)
+    if cfg.gate_reads == "test_ood":
+        if not sets and not os.path.exists(os.path.join(cfg.data_dir, cfg.dataset, "test_ood.bin")):
+            stop(f"gate_reads=test_ood reads the test_ood split of arithmetic data, and '{cfg.dataset}' is not "
+                 f"arithmetic data (prepare_data.py arithmetic writes it); use --gate_reads=train")
+        paths["test_ood"] = check_split(cfg.data_dir, cfg.dataset, "test_ood", cfg.block_size, meta)
+    if meta is None:  # nothing says which token ids the files hold: read them once (seconds per GB)
+        largest = max(int(max(data[i:i + 2 ** 26].max() for i in range(0, len(data), 2 ** 26)))
+                      for data in (np.memmap(path, dtype=np.uint16, mode="r") for path in paths.values()))
+        if largest >= cfg.vocab_size:
+            stop(f"dataset '{cfg.dataset}' has no meta.json and holds token id {largest}, beyond vocab_size "
+                 f"{cfg.vocab_size}: set --vocab_size={largest + 1} or more (or prepare it with prepare_data.py, "
+                 f"which writes meta.json)")
     for split, (examples, _) in sets.items():
         longest = max(len(e) for e in examples)  # scored with the example as input, minus its last token
         if longest - 1 > cfg.block_size:
-            raise ConfigError(f"block_size ({cfg.block_size}) is too short for the {split} examples of "
-                              f"'{cfg.dataset}' ({longest} tokens); use at least {longest - 1}")
+            stop(f"block_size ({cfg.block_size}) is too short for the {split} examples of "
+                 f"'{cfg.dataset}' ({longest} tokens); use at least {longest - 1}")
     return meta, paths, sets
 
 
 def check_out_dir(cfg):
     """A new run never overwrites a finished one, and out_dir must be a folder we can write."""
     if cfg.init_from == "scratch" and os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
-        raise ConfigError(f"out_dir {cfg.out_dir!r} holds a run (ckpt.pt): continue it with --init_from=resume, "
-                          f"choose another --out_dir, or delete {cfg.out_dir!r} to start over")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise ConfigError(f"out_dir {cfg.out_dir!r} is a file, not a folder; choose another --out_dir")
-    existing = os.path.abspath(cfg.out_dir)
-    while not os.path.exists(existing):  # the folder itself, or the nearest one above it that exists
+        stop(f"out_dir {cfg.out_dir!r} holds a run (ckpt.pt): continue it with --init_from=resume, "
+             f"choose another --out_dir, or delete {cfg.out_dir!r} to start over")
+    check_writable(cfg.out_dir)
+
+
+def check_writable(out_dir):
+    """out_dir must be a folder we can write, or one we can make: the nearest existing path on the way
+    must be a writable folder, not a file. The experiments check their out_dir with it too."""
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK):
-        raise ConfigError(f"out_dir {cfg.out_dir!r}: {existing} is not writable; choose another --out_dir")
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        stop(f"out_dir {out_dir!r} cannot be written ({existing} is not a writable folder); choose another --out_dir")
 
 
 # -----------------------------------------------------------------------------
@@ -1132,6 +1214,8 @@ def start_log(cfg, dist_info, iter_num, model, micro_steps):
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if dist_info.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        for name in ("ckpt.pt.tmp", "best.pt.tmp"):  # left by a run killed while it wrote a checkpoint
+            remove_if_exists(os.path.join(cfg.out_dir, name))
         rows = read_log(log_path) if cfg.init_from == "resume" else []
         ends = [i for i, r in enumerate(rows) if r.get("event") == "eval" and r.get("iter") == iter_num]
         with open(log_path, "w") as f:
@@ -1173,10 +1257,22 @@ def format_row(row):
 
 def stop_if_not_finite(value, what, iter_num, cfg):
     if not math.isfinite(value):
-        raise SystemExit(f"gapt.py: {what} is {value} at iter {iter_num}; stopping without saving. Resume from "
-                         f"{os.path.join(cfg.out_dir, 'ckpt.pt')} (the last checkpoint; best.pt beside it has the "
-                         f"best validation CE) with --init_from=resume and a lower --learning_rate or --mbe_weight")
+        stop(f"{what} is {value} at iter {iter_num}; stopping without saving. Resume from "
+             f"{os.path.join(cfg.out_dir, 'ckpt.pt')} (the last checkpoint; best.pt beside it has the "
+             f"best validation CE) with --init_from=resume and a lower --learning_rate or --mbe_weight")
+
+
+def resume_hint(cfg):
+    """What Ctrl-C leaves: the last checkpoint, and the command that continues from it."""
+    if not os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
+        return "interrupted before the first checkpoint: nothing to resume, run the same command to start again"
+    return (f"interrupted; {os.path.join(cfg.out_dir, 'ckpt.pt')} holds the last evaluation's state: run the same "
+            f"command with --init_from=resume to continue from it")
 
 
 if __name__ == "__main__":
-    train(load_config(sys.argv[1:]))
+    config = load_config(sys.argv[1:])
+    try:
+        train(config)
+    except KeyboardInterrupt:
+        stop(resume_hint(config))

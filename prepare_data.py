@@ -1,16 +1,19 @@
 """
 Prepare the datasets that gapt.py trains on. Everything reaches gapt.py through this script, as
-nanoGPT-style files under <data_dir>/<name>/:
+nanoGPT-style files under <data_dir>/<dataset>/, the --data_dir and --dataset that gapt.py reads:
 
     train.bin, val.bin (and val_ood.bin, test_ood.bin for arithmetic)   headerless np.uint16 token ids
     meta.json                                              tokenizer, vocab size, eot id, counts, command
 
 Three commands:
 
-    python prepare_data.py fineweb --max_tokens 100000000      # FineWeb sample-10BT, streamed from the Hub
-    python prepare_data.py text --files 'books/*.txt' --name books   # the same pipeline on local files
-    python prepare_data.py arithmetic                            # a*b=c lines, 1-3 digits (OOD val: 4-6)
-    python prepare_data.py arithmetic --format author            # the same in the author's <bos>a x b = c<eos>
+    python prepare_data.py fineweb --max_tokens=100000000              # FineWeb sample-10BT, streamed from the Hub
+    python prepare_data.py text --files='books/*.txt' --dataset=books  # the same pipeline on local files
+    python prepare_data.py arithmetic                                  # a*b=c lines, 1-3 digits (OOD val: 4-6)
+    python prepare_data.py arithmetic --format=author                  # the same in the author's <bos>a x b = c<eos>
+
+Options are written --key=value as in gapt.py (--key value works too), and each means one thing in
+every command: --dataset is the output folder, --hf_config the Hub dataset's config.
 
 Text is GPT-2 BPE (tiktoken). Each document becomes encode_ordinary(text) followed by ONE
 end-of-text token (50256): eot *ends* a document, as "\\n" ends an arithmetic example, so a training
@@ -36,9 +39,11 @@ import tiktoken
 from tqdm import tqdm
 
 
-def fail(message):
-    """One-line error and a non-zero exit; raised before or inside atomic_outputs, so no partial files."""
-    raise SystemExit(f"prepare_data.py: {message}")
+def stop(message):
+    """The one way every program here fails (gapt.py, sample.py and experiments/ use it too): a non-zero
+    exit with one line, prefixed by the program the user ran, naming the problem and the fix. Raised
+    before or inside atomic_outputs, so no partial files."""
+    raise SystemExit(f"{os.path.basename(sys.argv[0])}: {message}")
 
 
 # ---- writing outputs: every file appears complete or not at all ----
@@ -47,7 +52,8 @@ def fail(message):
 def atomic_outputs(out_dir, filenames):
     """Yield {filename: open binary temp file}. If the block finishes, every temp file is renamed into
     place; if it fails or is interrupted, they are deleted. So gapt.py never trains on a truncated .bin,
-    and re-running the same command simply replaces the old files."""
+    and re-running the same command simply replaces the old files. The folders it makes go too."""
+    existing = nearest_existing(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     temp_paths = {name: os.path.join(out_dir, name + ".tmp") for name in filenames}
     files = {name: open(path, "wb") for name, path in temp_paths.items()}
@@ -58,11 +64,43 @@ def atomic_outputs(out_dir, filenames):
             f.close()
         for path in temp_paths.values():
             os.remove(path)
+        folder = os.path.abspath(out_dir)
+        while folder != existing:
+            os.rmdir(folder)
+            folder = os.path.dirname(folder)
         raise
     for f in files.values():
         f.close()
     for name, path in temp_paths.items():  # meta.json is listed last, so it lands after the .bin files
         os.replace(path, os.path.join(out_dir, name))
+
+
+def nearest_existing(path):
+    """The absolute path, or the nearest folder above it that exists."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_out_dir(data_dir, dataset):
+    """DATA_DIR/DATASET, once it is sure that atomic_outputs can write there."""
+    if not data_dir:
+        stop("--data_dir is empty; pass the folder that holds the datasets, such as --data_dir=data")
+    if data_dir.startswith("~"):  # the shell leaves it as is after '=', and a folder named ~ is a trap
+        stop(f"--data_dir={data_dir} starts with '~', which the shell does not expand in --key=value; "
+             f"write the path out, such as --data_dir={os.path.expanduser(data_dir)}")
+    if dataset in ("", ".", "..") or "/" in dataset or os.sep in dataset:
+        stop(f"--dataset={dataset!r} is not a folder name; pass a name such as --dataset=books, "
+             f"and the folder above it as --data_dir")
+    out_dir = os.path.join(data_dir, dataset)
+    existing = nearest_existing(out_dir)
+    if not os.path.isdir(existing):
+        option = "--dataset" if existing == os.path.abspath(out_dir) else "--data_dir"
+        stop(f"{existing} is a file, not a folder, so {out_dir} cannot be made; choose another {option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        stop(f"{existing} is read-only, so {out_dir} cannot be written; choose another --data_dir")
+    return out_dir
 
 
 def write_meta(f, tokenizer, vocab_size, eot_token, tokens, command):
@@ -73,15 +111,10 @@ def write_meta(f, tokenizer, vocab_size, eot_token, tokens, command):
 
 # ---- reading a dataset back: gapt.py and sample.py check it here, where the format is defined ----
 
-def stop(message):
-    """A one-line error from whichever program is checking the data (gapt.py, sample.py)."""
-    raise SystemExit(f"{os.path.basename(sys.argv[0])}: {message}")
-
-
 def prepare_command(name):
     if name in ("fineweb", "arithmetic"):
         return f"python prepare_data.py {name}"
-    return f"python prepare_data.py text --files 'path/to/*.txt' --name {name}"
+    return f"python prepare_data.py text --files='path/to/*.txt' --dataset={name}"
 
 
 def read_meta(data_dir, name):
@@ -155,44 +188,66 @@ def open_hub_dataset(hf_id, config):
     """Stream the dataset, so --max_tokens reads only what it needs and disk holds only the .bin files."""
     from datasets import load_dataset  # here, not at the top: gapt.py imports this file to check data,
     from huggingface_hub import HfApi  # and `datasets` alone takes a second to import
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
     how_to_go_offline = ("To prepare offline, get the parquet files onto this machine and run: "
-                         "python prepare_data.py text --files 'DIR/*.parquet' --name fineweb")
+                         "python prepare_data.py text --files='DIR/*.parquet' --dataset=fineweb")
     # One quick request first: with no network huggingface_hub retries for ~25 s before datasets
     # gives up, and a misspelled --hf_id deserves its own message.
     try:
         HfApi().dataset_info(hf_id, timeout=10)
+    except HFValidationError as e:  # raised before any request, so it is no network problem
+        stop(f"--hf_id={hf_id!r} is not a Hub dataset id ({e}). Pass one such as --hf_id=HuggingFaceFW/fineweb")
     except RepositoryNotFoundError:
-        fail(f"no dataset {hf_id!r} on the Hugging Face Hub, or no access to it. Check --hf_id")
+        stop(f"no dataset {hf_id!r} on the Hugging Face Hub, or no access to it. Check --hf_id")
     except Exception as e:  # offline mode, DNS, refused, timeout: any of them means we cannot stream
-        fail(f"cannot reach {hf_id!r} on the Hugging Face Hub ({e!r}). {how_to_go_offline}")
+        stop(f"cannot reach {hf_id!r} on the Hugging Face Hub ({e!r}). {how_to_go_offline}")
     try:
-        return load_dataset(hf_id, name=config, split="train", streaming=True)
+        return readable_rows(load_dataset(hf_id, name=config, split="train", streaming=True))
     except ConnectionError as e:
-        fail(f"cannot reach {hf_id!r} on the Hugging Face Hub ({e}). {how_to_go_offline}")
+        stop(f"cannot reach {hf_id!r} on the Hugging Face Hub ({e}). {how_to_go_offline}")
     except ValueError as e:  # e.g. an unknown config; datasets lists the available ones
-        fail(f"{e}. Check --name")
+        stop(f"{e}. Check --hf_config")
 
 
 def open_local_dataset(patterns, sample_by):
     """The same streaming reader as the Hub path, so tests on small local files exercise it."""
-    from datasets import load_dataset
+    from datasets import load_dataset, logging as datasets_logging
     files = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True))  # sorted: glob order is not stable
         if not matches:
-            fail(f"no files match {pattern!r}. Check the path or glob in --files")
+            stop(f"no files match {pattern!r}. Check the path or glob in --files")
         folders = [m for m in matches if os.path.isdir(m)]
         if folders:
-            fail(f"--files got the folder {folders[0]!r}; pass files or a glob, such as '{folders[0]}/*.txt'")
+            stop(f"--files got the folder {folders[0]!r}; pass files or a glob, such as '{folders[0]}/*.txt'")
+        unreadable = [m for m in matches if not os.access(m, os.R_OK)]  # glob also matches a dangling link
+        if unreadable:
+            stop(f"cannot read {unreadable[0]!r} (a link to nothing, or no read permission). Check --files")
         files += matches
+    # A file matched twice (by two globs, or by a glob and its path) is read once: twice would put
+    # its documents in both val and train.
+    files = list({os.path.realpath(f): f for f in files}.values())
     extensions = {os.path.splitext(f)[1] for f in files}
     if len(extensions) > 1 or not extensions <= LOCAL_BUILDERS.keys():
-        fail(f"--files gives {sorted(extensions)} files. Pass files of one type: {', '.join(LOCAL_BUILDERS)}")
+        stop(f"--files gives {sorted(extensions)} files. Pass files of one type: {', '.join(LOCAL_BUILDERS)}")
     builder = LOCAL_BUILDERS[extensions.pop()]
+    if builder == "parquet":  # datasets fails on a file without rows, and on a damaged one without naming it
+        import pyarrow.parquet as pq
+        rows = {}
+        for path in files:
+            try:
+                rows[path] = pq.read_metadata(path).num_rows
+            except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                stop(f"{path} is not a parquet file ({e}). Check --files")
+        files = [path for path in files if rows[path]]
+        if not files:
+            stop("every parquet file in --files is empty. Check --files")
+    # Our one-line errors name the file and line; datasets would log a second line about the same error.
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
     # The text builder would make every line a document; sample_by says what a document is instead.
     options = {"sample_by": sample_by} if builder == "text" else {}
-    return load_dataset(builder, data_files=files, split="train", streaming=True, **options)
+    ds = load_dataset(builder, data_files=files, split="train", streaming=True, **options)
+    return readable_rows(ds, files if builder != "parquet" else ())  # parquet is binary: no lines to point at
 
 
 class InputError(Exception):
@@ -200,27 +255,57 @@ class InputError(Exception):
     and only an Exception comes back through pool.imap to the main thread, where main() reports it."""
 
 
-def readable_rows(ds):
+def readable_rows(ds, text_files=()):
+    """ds's rows; a read error becomes an InputError that names the file and line when ds reads text_files."""
     try:
         yield from ds
     except (UnicodeDecodeError, ValueError, OSError) as e:  # pyarrow's parse errors are ValueErrors
-        raise InputError(f"cannot read the input ({type(e).__name__}: {str(e)[:200]}). Text files must be "
-                         f"UTF-8 (convert with: iconv -f latin1 -t utf-8 in.txt > out.txt), and every .jsonl "
-                         f"line one JSON object") from None
+        raise InputError(first_bad_line(text_files) or f"cannot read the input ({type(e).__name__}: "
+                         f"{str(e)[:200]}). Check --files, or for fineweb the connection") from None
 
 
-def document_texts(ds, column):
+def first_bad_line(text_files):
+    """Where reading failed, as the one-line error that names the file, line and fix; None if no line
+    is at fault. Called only after a failure: it reads the files again, up to that line."""
+    for path in text_files:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):  # a UTF-8 character never spans a newline
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return (f"{path} line {number} is not UTF-8 ({e.reason}), and text files must be UTF-8. Convert "
+                            f"it, e.g. iconv -f latin1 -t utf-8 {shlex.quote(path)} > utf8-{os.path.basename(path)}")
+                if path.endswith(".jsonl") and text.strip():
+                    try:
+                        row = json.loads(text)
+                    except json.JSONDecodeError:
+                        row = None
+                    if not isinstance(row, dict):
+                        return (f"{path} line {number} is not a JSON object. Fix that line: every .jsonl line "
+                                f"one JSON object, such as {{\"text\": \"...\"}}")
+    return None
+
+
+def row_text(row, column, number):
+    """The row's text; None (a missing value) reads as an empty document."""
+    text = row[column]
+    if text is not None and not isinstance(text, str):
+        raise InputError(f"row {number} of the input holds {type(text).__name__} in column {column!r}, not "
+                         f"text. Pass the text column as --text_column, or fix that row")
+    return text
+
+
+def document_texts(rows, column):
     """Check the first row before anything is written, then yield the text of every non-empty document
-    (an empty one would only add a lone eot)."""
-    rows = readable_rows(ds)
+    (an empty or null one would only add a lone eot); a row whose text is not a string ends the run."""
     first = next(rows, None)
     if first is None:
-        fail("the input has no rows. Check --files")
+        stop("the input has no rows. Check --files")
     if column not in first:
-        fail(f"no column {column!r} in the input; its columns are {sorted(first)}. Pass --text_column")
-    if not isinstance(first[column], str):
-        fail(f"column {column!r} holds {type(first[column]).__name__}, not text. Pass --text_column")
-    return (row[column] for row in itertools.chain([first], rows) if row[column])
+        stop(f"no column {column!r} in the input; its columns are {sorted(first)}. Pass --text_column")
+    row_text(first, column, 1)
+    rows = itertools.chain([first], rows)
+    return (text for number, row in enumerate(rows, 1) if (text := row_text(row, column, number)))
 
 
 # ---- tokenization: GPT-2 BPE in worker processes, tokens appended to the .bin files as they come ----
@@ -233,7 +318,7 @@ def tokenizer():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken downloads its BPE files on first use
-        fail(f"cannot load the GPT-2 BPE files ({type(e).__name__}); tiktoken downloads them on first use. "
+        stop(f"cannot load the GPT-2 BPE files ({type(e).__name__}); tiktoken downloads them on first use. "
              f"Offline, set TIKTOKEN_CACHE_DIR to a folder that holds them")
 
 
@@ -248,10 +333,10 @@ def encode_document(text):
 def check_text_args(args):
     """Everything that can be checked before touching the network or the disk."""
     if args.max_tokens is not None and args.max_tokens < args.val_tokens:
-        fail(f"--max_tokens {args.max_tokens} is smaller than the validation slice --val_tokens "
+        stop(f"--max_tokens={args.max_tokens} is smaller than the validation slice --val_tokens="
              f"{args.val_tokens}. Raise --max_tokens or lower --val_tokens")
     if tokenizer().n_vocab > 2**16:
-        fail(f"the tokenizer has {tokenizer().n_vocab} tokens; ids above 65535 do not fit the uint16 "
+        stop(f"the tokenizer has {tokenizer().n_vocab} tokens; ids above 65535 do not fit the uint16 "
              f".bin format. Use a tokenizer with at most 65536 tokens")
 
 
@@ -276,9 +361,17 @@ def prepare_text(texts, args, out_dir, command):
             documents += 1
             if counts["train"] + counts["val"] == limit:
                 break
+        if documents == 0:
+            stop("every document in the input is empty. Check --files and --text_column")
         if counts["train"] == 0:
-            fail(f"the train split is empty ({documents} documents, all in val). Give more documents "
-                 f"(for .txt files, --sample_by paragraph) or raise --max_tokens")
+            if documents > 1:  # with --val_every 1, val takes every document until it holds --val_tokens
+                before_last = counts["val"] - len(tokens) // 2  # so the last document would have gone to train
+                fix = f"Raise --val_every, or lower --val_tokens to {before_last} or less, to leave train documents"
+            elif counts["val"] == limit:
+                fix = "Raise --max_tokens: the first document used it up"
+            else:
+                fix = "Give more documents (for a .txt file, --sample_by=paragraph or line splits it into more)"
+            stop(f"the train split is empty: every document read ({documents:,}) went to val. {fix}")
         write_meta(out["meta.json"], "gpt2", enc.n_vocab, enc.eot_token, counts, command)
     seconds = time.time() - start
     total = counts["train"] + counts["val"]
@@ -312,6 +405,10 @@ ARITHMETIC_FORMATS = {
 # is for measuring the author's leak, choosing steps on an OOD *test* loss, without touching val_ood.
 SPLIT_DIGITS = {"val": (1, 3), "val_ood": (4, 6), "train": (1, 3), "test_ood": (4, 6)}
 EXAMPLES_PER_CHUNK = 100_000  # encoded at once: memory stays small at any --n_train (the author used 10M)
+# In our format train redraws every pair that val holds, so a large val leaves train little to draw: after
+# 1M val draws 15% of the 1-3 digit pairs' probability is left, after 10M 3% (many minutes of redrawing),
+# after 100M next to none (it would redraw for ever).
+MAX_HELD_OUT_N_VAL = 1_000_000
 
 
 def sample_operands(rng, n, digits, lowest_one_digit):
@@ -368,6 +465,9 @@ def write_examples(f, a, b, split, fmt):
 
 def prepare_arithmetic(args, out_dir, command):
     fmt = ARITHMETIC_FORMATS[args.format]
+    if fmt.held_out and args.n_val > MAX_HELD_OUT_N_VAL:
+        stop(f"--n_val={args.n_val} leaves train almost no 1-3 digit pairs, since train avoids every val pair. "
+             f"Use --n_val={MAX_HELD_OUT_N_VAL} or less, or --format=author, which keeps val pairs in train")
     sizes = {"val": args.n_val, "val_ood": args.n_val, "train": args.n_train, "test_ood": args.n_val}
     counts = {}
     seen = np.empty(0, dtype=np.int64)
@@ -389,64 +489,79 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Show every default, and keep the docstring's layout."""
 
 
-def positive_int(s):
-    if int(s) < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {s}")
-    return int(s)
+def whole_number(low):
+    """An argparse type: an int of at least low."""
+    def parse(s):
+        try:
+            n = int(s)
+        except ValueError:
+            n = None
+        if n is None or n < low:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {low}, got {s!r}")
+        return n
+    return parse
 
 
-def non_negative_int(s):
-    if int(s) < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {s}")
-    return int(s)
+class Renamed(argparse.Action):
+    """An option's old spelling, hidden from --help: it fails, naming the new one, where argparse would
+    only say 'unrecognized arguments'."""
+
+    def __init__(self, option_strings, dest, new):
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.new}")
 
 
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data_dir", default="data", help="root folder; files go to DATA_DIR/<name>/")
+    common.add_argument("--data_dir", default="data", help="root folder; files go to DATA_DIR/DATASET/")
     text = argparse.ArgumentParser(add_help=False)
     text.add_argument("--text_column", default="text", help="column holding the document text")
-    text.add_argument("--max_tokens", type=positive_int, default=None,
-                      help="stop after this many tokens, val + train; None reads the whole input")
-    text.add_argument("--val_tokens", type=positive_int, default=10_000_000,
+    text.add_argument("--max_tokens", type=whole_number(1), default=None,
+                      help="stop after this many tokens, val + train; by default, read the whole input")
+    text.add_argument("--val_tokens", type=whole_number(1), default=10_000_000,
                       help="tokens of the validation slice (fewer if the input runs out)")
-    text.add_argument("--val_every", type=positive_int, default=10,
+    text.add_argument("--val_every", type=whole_number(1), default=10,
                       help="every VAL_EVERY-th document goes to val until it holds VAL_TOKENS")
-    text.add_argument("--num_proc", type=positive_int, default=os.cpu_count(),
+    text.add_argument("--num_proc", type=whole_number(1), default=os.cpu_count(),
                       help="tokenizer worker processes; the default is this machine's core count")
 
-    parser = argparse.ArgumentParser(prog="prepare_data.py", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    # allow_abbrev=False: an option is its whole key, as in gapt.py, so --data is no guess at --data_dir
+    style = dict(formatter_class=HelpFormatter, allow_abbrev=False)
+    dataset_help = "output folder under DATA_DIR: gapt.py's --dataset"
+    parser = argparse.ArgumentParser(prog="prepare_data.py", description=__doc__, **style)
     commands = parser.add_subparsers(dest="command", required=True)
-    fineweb = commands.add_parser("fineweb", parents=[text, common], formatter_class=HelpFormatter,
+    fineweb = commands.add_parser("fineweb", parents=[text, common], **style,
                                   help="stream a Hub dataset (FineWeb, FineWeb-Edu), tokenize it with GPT-2 BPE")
     fineweb.add_argument("--hf_id", default="HuggingFaceFW/fineweb", help="Hub dataset id")
-    fineweb.add_argument("--name", dest="config", metavar="NAME", default="sample-10BT",
-                         help="Hub dataset config")
-    fineweb.add_argument("--dataset", dest="out_name", metavar="NAME", default="fineweb",
-                         help="output folder name under DATA_DIR")
-    local = commands.add_parser("text", parents=[text, common], formatter_class=HelpFormatter,
+    fineweb.add_argument("--hf_config", default="sample-10BT", help="Hub dataset config")
+    fineweb.add_argument("--dataset", default="fineweb", help=dataset_help)
+    fineweb.add_argument("--name", action=Renamed, new="--hf_config (the Hub config; the output folder is --dataset)")
+    local = commands.add_parser("text", parents=[text, common], **style,
                                 help="the same pipeline on local .txt, .jsonl or .parquet files")
-    # required options have no default to show
-    local.add_argument("--files", nargs="+", required=True, default=argparse.SUPPRESS,
+    # required options have no default to show; "extend": --files=a.txt --files=b.txt reads both
+    local.add_argument("--files", nargs="+", action="extend", required=True, default=argparse.SUPPRESS,
                        help="file paths or quoted globs ('**' recurses)")
-    local.add_argument("--name", dest="out_name", metavar="NAME", required=True, default=argparse.SUPPRESS,
-                       help="output folder name under DATA_DIR")
+    local.add_argument("--dataset", required=True, default=argparse.SUPPRESS, help=dataset_help)
+    local.add_argument("--name", action=Renamed, new="--dataset")
     local.add_argument("--sample_by", choices=["paragraph", "document", "line"], default="paragraph",
                        help=".txt only: a document is a paragraph (text between blank lines), a file, or a line")
-    arithmetic = commands.add_parser("arithmetic", parents=[common], formatter_class=HelpFormatter,
+    arithmetic = commands.add_parser("arithmetic", parents=[common], **style,
                                      help="a*b=c examples: train and val 1-3 digit operands, val_ood and test_ood 4-6")
-    arithmetic.add_argument("--n_train", type=positive_int, default=1_000_000,
+    arithmetic.add_argument("--n_train", type=whole_number(1), default=1_000_000,
                             help="training examples (the author used 10,000,000)")
-    arithmetic.add_argument("--n_val", type=positive_int, default=10_000,
-                            help="examples in val, and again in val_ood and test_ood (the author used 10,000)")
+    arithmetic.add_argument("--n_val", type=whole_number(1), default=10_000,
+                            help="examples in val, and again in val_ood and test_ood (the author used 10,000); at "
+                                 f"most {MAX_HELD_OUT_N_VAL:,} in our format, as train avoids every val pair")
     arithmetic.add_argument("--format", choices=ARITHMETIC_FORMATS, default="ours",
                             help="ours: `a*b=c\\n`, one-digit operands 0-9, no val or val_ood pair in train; "
                                  "author: `<bos>a x b = c<eos>` and the ids of the author's data/arithmetic.py, "
                                  "one-digit operands 1-9, every split drawn independently (val pairs recur in "
-                                 "train). Another --data_dir keeps both")
-    arithmetic.add_argument("--seed", type=non_negative_int, default=0, help="random seed; same seed, same files")
-    arithmetic.set_defaults(out_name="arithmetic")
+                                 "train). Another --dataset keeps both")
+    arithmetic.add_argument("--seed", type=whole_number(0), default=0, help="random seed; same seed, same files")
+    arithmetic.add_argument("--dataset", default="arithmetic", help=dataset_help)
     # `prepare_data.py --help` shows every command's options, not just the command names.
     parser.epilog = "\n".join(p.format_help() for p in commands.choices.values())
     return parser
@@ -456,19 +571,19 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     command = shlex.join(["python", "prepare_data.py", *argv])
-    out_dir = os.path.join(args.data_dir, args.out_name)
+    out_dir = check_out_dir(args.data_dir, args.dataset)
     if args.command == "arithmetic":
         prepare_arithmetic(args, out_dir, command)
         return
     check_text_args(args)
     if args.command == "fineweb":
-        ds = open_hub_dataset(args.hf_id, args.config)
+        rows = open_hub_dataset(args.hf_id, args.hf_config)
     else:
-        ds = open_local_dataset(args.files, args.sample_by)
+        rows = open_local_dataset(args.files, args.sample_by)
     try:
-        prepare_text(document_texts(ds, args.text_column), args, out_dir, command)
+        prepare_text(document_texts(rows, args.text_column), args, out_dir, command)
     except InputError as e:  # raised before or inside atomic_outputs: no partial files either way
-        fail(str(e))
+        stop(str(e))
 
 
 if __name__ == "__main__":  # the guard lets worker processes import this file where they are spawned

@@ -6,9 +6,11 @@ sample.py: sample text from a model trained by gapt.py, or measure its arithmeti
     python sample.py --out_dir=out-arith --eval=arithmetic --n=1000
 
 The tokenizer is the one of the dataset the checkpoint was trained on (its meta.json): GPT-2 BPE
-for text, the character vocabulary for arithmetic. --eval=arithmetic decodes the answer of every
-prompt `a*b=` greedily, in distribution (val, 1-3 digit operands) and out of distribution
-(val_ood, 4-6 digits): the paper's generalization result. Options are --key=value, as in gapt.py.
+for text, the character vocabulary for arithmetic. A sample ends where the model ends its document
+or example, at the dataset's end token (--stop_at_end=False writes on through). --eval=arithmetic
+decodes the answer of every prompt `a*b=` greedily, in distribution (val, 1-3 digit operands) and
+out of distribution (val_ood, 4-6 digits): the paper's generalization result. Options are
+--key=value, as in gapt.py.
 """
 
 import json
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 import gapt
 import prepare_data
+from prepare_data import stop
 
 # -----------------------------------------------------------------------------
 # Config
@@ -33,29 +36,39 @@ SAMPLE_DEFAULTS = dict(
     data_dir="",  # root of the run's dataset; "" = the run's own data_dir (relative to where it trained)
     device="auto",  # 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', 'mps'
     # sampling
-    start="\n",  # the prompt, or FILE:path to read it from a file
-    num_samples=3,  # samples drawn from the prompt
-    max_new_tokens=200,  # tokens generated per sample
+    start="",  # the prompt, or FILE:path to read it from; "" = the end token: a new document or example
+    num_samples=3,  # samples drawn from the prompt (one when greedy)
+    max_new_tokens=200,  # tokens generated per sample, at most
+    stop_at_end=True,  # end each sample where the model ends its document or example; False = write on through
     temperature=0.8,  # < 1 sharpens the distribution, > 1 flattens it; 0 = greedy
     top_k=200,  # sample among the top_k most likely tokens only; 0 = among all
     seed=1337,  # the same seed gives the same samples
     # evaluation instead of sampling
     eval="",  # 'arithmetic': exact match and answer CE on val and val_ood, written to out_dir
-    n=1000,  # --eval: the first n examples of each split
+    n=1000,  # --eval: the first n examples of each split (all of a split that holds fewer)
 )
+# --eval=arithmetic reads none of these
+SAMPLING_KEYS = ("start", "num_samples", "max_new_tokens", "stop_at_end", "temperature", "top_k", "seed")
+
+
+SAMPLE_RULES = {
+    **gapt.rule(lambda v: v > 0, "positive", ("num_samples", "max_new_tokens", "n")),
+    **gapt.rule(lambda v: v >= 0, ">= 0 (temperature 0 is greedy, top_k 0 samples among all tokens)",
+                ("temperature", "top_k")),
+    **gapt.rule(lambda v: 0 <= v < 2**64, "in [0, 2**64), the seeds torch takes", ("seed",)),
+    **gapt.rule(lambda v: v in ("", "arithmetic"), "'' (sample) or 'arithmetic'", ("eval",)),
+}
 
 
 def load_sample_config(argv):
-    cfg = gapt.parse_config(argv, SAMPLE_DEFAULTS)
-    if cfg.eval not in ("", "arithmetic"):
-        raise gapt.ConfigError(f"eval must be '' (sample) or 'arithmetic', got {cfg.eval!r}")
-    for key in ("num_samples", "max_new_tokens", "n"):
-        if cfg[key] <= 0:
-            raise gapt.ConfigError(f"{key} must be positive, got {cfg[key]}")
-    if cfg.temperature < 0:
-        raise gapt.ConfigError(f"temperature must be >= 0 (0 is greedy), got {cfg.temperature}")
-    if cfg.top_k < 0:
-        raise gapt.ConfigError(f"top_k must be >= 0 (0 = sample among all tokens), got {cfg.top_k}")
+    cfg = gapt.parse_config(argv, SAMPLE_DEFAULTS, SAMPLE_RULES)
+    # an option the chosen mode never reads would change nothing: say so rather than ignore it
+    unread = [key for key in (SAMPLING_KEYS if cfg.eval else ("n",)) if cfg[key] != SAMPLE_DEFAULTS[key]]
+    if unread and cfg.eval:
+        stop(f"--eval=arithmetic decodes greedily and reads no sampling option, but got --{unread[0]}; "
+             f"drop it, or leave out --eval to sample")
+    if unread:
+        stop(f"--n={cfg.n} counts the examples of --eval=arithmetic; add --eval=arithmetic or drop --n")
     return cfg
 
 
@@ -65,25 +78,33 @@ def load_sample_config(argv):
 def load_model(out_dir, device):
     """The model of out_dir/ckpt.pt in eval mode, and the checkpoint (its config names the dataset)."""
     path = os.path.join(out_dir, "ckpt.pt")
+    if os.path.isfile(out_dir):
+        stop(f"--out_dir={out_dir} is a file; point --out_dir at the folder of a run, the one that holds ckpt.pt")
+    fix = f"train one with python gapt.py --out_dir={out_dir}"
     if not os.path.exists(path):
-        raise SystemExit(f"sample.py: no checkpoint at {path}; train one with python gapt.py --out_dir={out_dir} "
-                         f"or point --out_dir at a finished run")
-    checkpoint = gapt.load_checkpoint(path, device)
+        stop(f"no checkpoint at {path}; {fix} or point --out_dir at a finished run")
+    checkpoint = gapt.load_checkpoint(path, device, fix)
     model = gapt.GPT(gapt.GPTConfig(**{k: checkpoint["config"][k] for k in gapt.MODEL_KEYS}))
-    gapt.load_weights(model, checkpoint["model"])
+    gapt.load_weights(model, checkpoint["model"], fix)
     return model.to(device).eval(), checkpoint
 
 
 def char_tokenizer(chars):
-    """Character vocabulary: the id of a character is its index in meta.json's list."""
+    """Character vocabulary: the id of a token is its index in meta.json's list. A prompt spells the
+    author's <bos> and <eos> out, as a GPT-2 prompt spells <|endoftext|>."""
     stoi = {c: i for i, c in enumerate(chars)}
+    # longest first, so that <bos> is read as one token, not as '<' 'b' 'o' 's' '>'
+    token = re.compile("|".join(re.escape(c) for c in sorted(chars, key=len, reverse=True)) + "|.", re.DOTALL)
 
     def encode(text):
-        unknown = sorted(set(text) - set(stoi))
+        pieces = token.findall(text)
+        unknown = sorted(set(pieces) - set(stoi))
         if unknown:
-            raise SystemExit(f"sample.py: the prompt has characters outside the model's character vocabulary: "
-                             f"{', '.join(map(repr, unknown))}; use only {''.join(chars)!r}")
-        return [stoi[c] for c in text]
+            spelled = [c for c in chars if len(c) > 1]
+            stop(f"the prompt has characters outside the model's vocabulary: {', '.join(map(repr, unknown))}; "
+                 f"use only {''.join(c for c in chars if len(c) == 1)!r}"
+                 + (f" and the tokens {', '.join(spelled)}" if spelled else ""))
+        return [stoi[p] for p in pieces]
 
     return encode, lambda ids: "".join(chars[i] for i in ids)
 
@@ -93,22 +114,23 @@ def gpt2_tokenizer():
     # the model's vocabulary is padded to 50304 for speed: an undertrained model may still pick
     # one of the 47 padding ids, which are no GPT-2 token, so decoding skips them
     return (lambda text: enc.encode(text, allowed_special={"<|endoftext|>"}),
-            lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))
+            lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]), enc.eot_token)
 
 
 def tokenizer_for(meta, model, meta_path):
-    """(encode, decode) of the run's dataset; GPT-2 BPE when its meta.json is not found."""
+    """(encode, decode, the token that ends a document or example) of the run's dataset; GPT-2 BPE
+    when its meta.json is not found."""
     vocab_size = model.config.vocab_size
     if meta is None:
         if vocab_size < 50257:
-            raise SystemExit(f"sample.py: {meta_path} not found, and the model's vocabulary ({vocab_size}) is too "
-                             f"small for GPT-2 BPE; point --data_dir at the folder that holds the run's dataset")
+            stop(f"{meta_path} not found, and the model's vocabulary ({vocab_size}) is too "
+                 f"small for GPT-2 BPE; point --data_dir at the folder that holds the run's dataset")
         return gpt2_tokenizer()
-    if meta["vocab_size"] > vocab_size:
-        raise SystemExit(f"sample.py: {meta_path} has a vocabulary of {meta['vocab_size']}, larger than the model's "
-                         f"({vocab_size}): the checkpoint was trained on another dataset; check --data_dir")
+    if gapt.model_vocab_size(model.config, meta) != vocab_size:  # as gapt.py sized the model for this dataset
+        stop(f"{meta_path} has a vocabulary of {meta['vocab_size']} tokens, the model {vocab_size}: the "
+             f"checkpoint was trained on another dataset; point --data_dir at the one it was trained on")
     if isinstance(meta["tokenizer"], list):
-        return char_tokenizer(meta["tokenizer"])
+        return (*char_tokenizer(meta["tokenizer"]), meta["eot_token"])
     return gpt2_tokenizer()
 
 
@@ -116,17 +138,25 @@ def tokenizer_for(meta, model, meta_path):
 # Sampling
 # -----------------------------------------------------------------------------
 def read_prompt(start):
+    """The prompt text; "" for none (the model then starts from the dataset's end token)."""
     if not start.startswith("FILE:"):
         return start
     path = start[len("FILE:"):]
+    if not path:
+        stop("--start=FILE: names no file; write --start=FILE:path/to/prompt.txt")
     if not os.path.isfile(path):
-        raise SystemExit(f"sample.py: prompt file {path} not found; fix --start=FILE:path or pass the text itself")
+        stop(f"prompt file {path} not found; fix --start=FILE:path or pass the text itself")
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read()
+            # not the newline an editor ends a file with: after `12*34=` it would end the question unanswered
+            text = f.read().removesuffix("\n")
     except UnicodeDecodeError:
-        raise SystemExit(f"sample.py: prompt file {path} is not UTF-8 text; convert it, e.g. with "
-                         f"iconv -f latin1 -t utf-8") from None
+        stop(f"prompt file {path} is not UTF-8 text; convert it, e.g. with "
+             f"iconv -f latin1 -t utf-8")
+    if not text:
+        stop(f"prompt file {path} is empty; write the prompt into it, or leave out --start to sample "
+             f"from the start of a document")
+    return text
 
 
 @torch.no_grad()
@@ -154,14 +184,20 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token
     return idx
 
 
-def generate_samples(model, prompt_ids, cfg, device):
-    """num_samples continuations of the prompt, drawn in one batch, as token lists (prompt included)."""
-    if not prompt_ids:
-        raise SystemExit("sample.py: the prompt is empty; give the model something to continue with --start")
+def cut_at(ids, token):
+    """ids up to the first token, which is left out; all of them if it never comes."""
+    return ids[:ids.index(token)] if token in ids else ids
+
+
+def generate_samples(model, prompt_ids, cfg, eot_token, device):
+    """num_samples continuations of the prompt, drawn in one batch, as token lists (prompt left out),
+    each cut at its first eot_token when cfg.stop_at_end."""
     torch.manual_seed(cfg.seed)  # seeds the CUDA generators too
     x = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)
-    y = generate(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
-    return y.tolist()
+    stop_token = eot_token if cfg.stop_at_end else None
+    y = generate(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                 stop_token=stop_token)
+    return [cut_at(ids, stop_token) for ids in y[:, len(prompt_ids):].tolist()]
 
 
 # -----------------------------------------------------------------------------
@@ -184,30 +220,49 @@ def greedy_answers(model, prompts, eot_token, device, batch_size=256):
             out = generate(model, idx, max_new_tokens=length, temperature=0, stop_token=eot_token)
             for i, new in zip(batch, out[:, length:].tolist()):
                 # a row that finished early kept generating until the whole batch had: cut it at its eot
-                answers[i] = new[:new.index(eot_token)] if eot_token in new else new
+                answers[i] = cut_at(new, eot_token)
     return answers
 
 
 def evaluate_arithmetic(model, examples, sep_token, eot_token, decode, device):
     """Scores on examples (token lists `a*b=c\\n`): exact match of the greedy answer string with
-    the true product, answer CE (teacher-forced, gapt.answer_ce) of each example alone and, where the
-    model's context holds two of the longest examples, in context (gapt.answer_ce_in_context), and the
-    mean absolute difference in digits between the greedy answer and the true one (length error: does
-    it get the size right?) and the mean signed one (length bias: below 0, it ends its answers too early)."""
+    the true product; the teacher-forced scores of gapt.answer_scores: the answer CE, its parts per
+    digit position counted from the leading digit and from the last, and the CE of the end token; the
+    answer CE in context (gapt.answer_ce_in_context) where the model's context holds two of the
+    longest examples; the mean absolute difference in digits between the greedy answer and the true
+    one (length error: does it get the size right?) and the mean signed one (length bias: below 0, it
+    ends its answers too early); and the share of greedy answers whose leading digit, leading two
+    digits (as a string: a one-digit product's are right only if the answer stops after it) and last
+    digit are the product's."""
     prompts = [ex[:ex.index(sep_token) + 1] for ex in examples]
     truths = [decode(ex[len(prompt):-1]) for ex, prompt in zip(examples, prompts)]
     guesses = [decode(answer) for answer in greedy_answers(model, prompts, eot_token, device)]
     right = [g == t for g, t in zip(guesses, truths)]
+    # the products as written, without the space the author's format puts after '='
+    pairs = [(g.lstrip(), t.lstrip()) for g, t in zip(guesses, truths)]
+    digits = {token for ex in examples for token in ex if decode([token]).isdigit()}
     scores = dict(examples=len(examples),
                   exact_match=sum(right) / len(examples),
-                  answer_ce=gapt.answer_ce(model, examples, sep_token, device),
+                  **gapt.answer_scores(model, examples, sep_token, digits, device),
                   length_error=sum(abs(len(g) - len(t)) for g, t in zip(guesses, truths)) / len(examples),
                   length_bias=sum(len(g) - len(t) for g, t in zip(guesses, truths)) / len(examples),
+                  leading_digit_accuracy=sum(g[:1] == t[:1] for g, t in pairs) / len(examples),
+                  leading_two_digits_accuracy=sum(g[:2] == t[:2] for g, t in pairs) / len(examples),
+                  last_digit_accuracy=sum(g[-1:] == t[-1:] for g, t in pairs) / len(examples),
                   exact_match_by_digits=exact_match_by_digits([decode(p[1:-1]) for p in prompts], right))  # `\na*b=` -> `a*b`
     in_context = gapt.answer_ce_in_context(model, examples, sep_token, device, model.config.block_size)
     if math.isfinite(in_context):
         scores["answer_ce_in_context"] = in_context
     return scores
+
+
+def why_no_answer_ce_in_context(examples, window):
+    """Why gapt.answer_ce_in_context has no number (nan) for these examples, in words."""
+    longest = max(len(ex) for ex in examples) - 1  # in the stream, an example's leading eot is the one before it
+    if longest > window // 2:
+        return (f"the model's window ({window} tokens) must hold two of the longest examples ({longest} tokens "
+                f"each); only a model trained with a block_size of {2 * longest} or more is scored in context")
+    return f"the examples scored fill less than one window of the model ({window} tokens); raise --n"
 
 
 def exact_match_by_digits(questions, right):
@@ -226,30 +281,36 @@ def load_arithmetic_splits(data_dir, dataset, meta, n, checkpoint_path):
     """The first n examples of val and val_ood, or an error if the run was not trained on arithmetic."""
     meta_path = os.path.join(data_dir, dataset, "meta.json")
     if meta is None:
-        raise SystemExit(f"sample.py: --eval=arithmetic needs {meta_path} (the run's dataset); point --data_dir "
-                         f"at the folder that holds '{dataset}', or prepare it with python prepare_data.py arithmetic")
+        stop(f"--eval=arithmetic needs {meta_path} (the run's dataset); point --data_dir "
+             f"at the folder that holds '{dataset}', or prepare it with python prepare_data.py arithmetic")
     answer_sets = prepare_data.answer_sets(data_dir, dataset, meta, n)
     if not answer_sets:
         tokenizer = "GPT-2 BPE" if meta["tokenizer"] == "gpt2" else f"the characters {''.join(meta['tokenizer'])!r}"
-        raise SystemExit(f"sample.py: --eval=arithmetic needs a model trained on arithmetic data, but {checkpoint_path} "
-                         f"was trained on dataset '{dataset}' ({tokenizer}); train one with "
-                         f"python gapt.py --dataset=arithmetic")
+        stop(f"--eval=arithmetic needs a model trained on arithmetic data, but {checkpoint_path} "
+             f"was trained on dataset '{dataset}' ({tokenizer}); train one with "
+             f"python gapt.py --dataset=arithmetic")
     for split in ("val", "val_ood"):
         if split not in answer_sets:
-            raise SystemExit(f"sample.py: {os.path.join(data_dir, dataset, split + '.bin')} not found; "
-                             f"re-create the dataset with python prepare_data.py arithmetic")
+            stop(f"{os.path.join(data_dir, dataset, split + '.bin')} not found; "
+                 f"re-create the dataset with python prepare_data.py arithmetic")
     return answer_sets
 
 
 def format_table(rows):
     """A Markdown table: readable in a terminal, and pasted as is into the README."""
-    lines = ["| split | examples | exact match | answer CE | answer CE in context | length error | length bias |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| split | examples | exact match | answer CE | answer CE in context | end CE | length error | length bias "
+             "| leading digit | leading 2 digits | last digit |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['split']} | {r['examples']} | {r['exact_match']:.3f} | {r['answer_ce']:.3f} | "
-              f"{r.get('answer_ce_in_context', math.nan):.3f} | {r['length_error']:.3f} | {r['length_bias']:+.3f} |" for r in rows]
+              f"{r.get('answer_ce_in_context', math.nan):.3f} | {r['end_ce']:.3f} | {r['length_error']:.3f} | "
+              f"{r['length_bias']:+.3f} | {r['leading_digit_accuracy']:.3f} | {r['leading_two_digits_accuracy']:.3f} | "
+              f"{r['last_digit_accuracy']:.3f} |" for r in rows]
     lines += ["", "exact match by operand digits:"]
     lines += [f"  {r['split']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["exact_match_by_digits"].items())
               for r in rows]
+    for end in ("first", "last"):
+        lines += ["", f"answer CE per digit of the product, counted from the {end} digit (1, 2, ...):"]
+        lines += [f"  {r['split']}: " + " ".join(f"{v:.3f}" for v in r[f"answer_ce_from_{end}"]) for r in rows]
     return "\n".join(lines)
 
 
@@ -261,6 +322,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = load_sample_config(argv)
     device = gapt.check_device(cfg.device)
+    prompt = read_prompt(cfg.start)
     model, checkpoint = load_model(cfg.out_dir, device)
     dataset = checkpoint["config"]["dataset"]
     data_dir = cfg.data_dir or checkpoint["config"]["data_dir"]
@@ -269,22 +331,41 @@ def main(argv=None):
 
     if cfg.eval == "arithmetic":
         checkpoint_path = os.path.join(cfg.out_dir, "ckpt.pt")
+        result_path = os.path.join(cfg.out_dir, "eval_arithmetic.json")
+        if not os.access(cfg.out_dir, os.W_OK):
+            stop(f"cannot write {result_path}: {cfg.out_dir} is not writable; copy the run to a folder you can write")
         answer_sets = load_arithmetic_splits(data_dir, dataset, meta, cfg.n, checkpoint_path)
-        _, decode = tokenizer_for(meta, model, meta_path)
-        print(f"{checkpoint_path} (iter {checkpoint['iter_num']}): greedy answers to the first {cfg.n} "
-              f"examples of each split")
-        rows = [dict(split=split, **evaluate_arithmetic(model, examples, sep_token, meta["eot_token"], decode, device))
+        _, decode, eot_token = tokenizer_for(meta, model, meta_path)
+        sizes = {split: len(examples) for split, (examples, _) in answer_sets.items()}
+        print(f"{checkpoint_path} (iter {checkpoint['iter_num']}): greedy answers to the first "
+              + ", ".join(f"{size} examples of {split}" for split, size in sizes.items()))
+        short = [split for split, size in sizes.items() if size < cfg.n]
+        if short:
+            print(f"n={cfg.n} is capped: {', '.join(short)} hold fewer examples, and are scored whole")
+        rows = [dict(split=split, **evaluate_arithmetic(model, examples, sep_token, eot_token, decode, device))
                 for split, (examples, sep_token) in answer_sets.items()]
         print(format_table(rows))
-        result_path = os.path.join(cfg.out_dir, "eval_arithmetic.json")
+        for row, (examples, _) in zip(rows, answer_sets.values()):
+            if "answer_ce_in_context" not in row:
+                print(f"{row['split']}: no answer CE in context: "
+                      f"{why_no_answer_ce_in_context(examples, model.config.block_size)}")
         with open(result_path, "w") as f:
             json.dump(dict(command=shlex.join(["python", "sample.py", *argv]), iter_num=checkpoint["iter_num"],
                            dataset=dataset, rows=rows), f, indent=2)
         print(f"wrote {result_path}")
         return rows
 
-    encode, decode = tokenizer_for(meta, model, meta_path)
-    samples = [decode(ids) for ids in generate_samples(model, encode(read_prompt(cfg.start)), cfg, device)]
+    encode, decode, eot_token = tokenizer_for(meta, model, meta_path)
+    prompt_ids = encode(prompt) if prompt else [eot_token]  # a document or example starts after an end token
+    if len(prompt_ids) > model.config.block_size:
+        print(f"the prompt is {len(prompt_ids)} tokens; the model reads only the last {model.config.block_size}, "
+              f"its block_size")
+    if cfg.temperature == 0 and cfg.num_samples > 1:
+        # greedy samples are all the same. A note, not an error: num_samples defaults to 3, and
+        # --temperature=0 alone is how one asks for the model's most likely continuation
+        print(f"temperature=0 decodes greedily, which gives one sample, not {cfg.num_samples}")
+        cfg.num_samples = 1
+    samples = [prompt + decode(ids) for ids in generate_samples(model, prompt_ids, cfg, eot_token, device)]
     for text in samples:
         print(text)
         print("---------------")

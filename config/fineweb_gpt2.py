@@ -1,6 +1,6 @@
 # The paper's FineWeb run: GPT-2 124M, about 1M tokens per step, 1750 steps (1.8B tokens).
 # These are gapt.py's defaults, written out so the experiment is explicit:
-#   python prepare_data.py fineweb --max_tokens 2000000000
+#   python prepare_data.py fineweb --max_tokens=2000000000
 #   torchrun --standalone --nproc_per_node=8 gapt.py config/fineweb_gpt2.py --mode=baseline --out_dir=out-fineweb-baseline
 #   torchrun --standalone --nproc_per_node=8 gapt.py config/fineweb_gpt2.py --mode=gapt --out_dir=out-fineweb-gapt
 dataset = "fineweb"

@@ -1,6 +1,6 @@
 # A laptop-sized GPT on Tiny Shakespeare with GPT-2 BPE (a CPU stand-in for the FineWeb run).
 #   curl -O https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
-#   python prepare_data.py text --files input.txt --name shakespeare
+#   python prepare_data.py text --files=input.txt --dataset=shakespeare
 #   python gapt.py config/shakespeare.py --mode=gapt --out_dir=out-shakespeare-gapt
 dataset = "shakespeare"
 out_dir = "out-shakespeare"

@@ -3,7 +3,7 @@
 # Measured (experiments/README.md): the baseline's validation CE is lowest near step 200 and rises
 # after it, while the training CE keeps falling. The whole text for 1500 steps (10 epochs) did not
 # get there. Use it after config/shakespeare.py, which it amends:
-#   python prepare_data.py text --files input.txt --name shakespeare_50k --max_tokens 70000 --val_tokens 20000 --val_every 3
+#   python prepare_data.py text --files=input.txt --dataset=shakespeare_50k --max_tokens=70000 --val_tokens=20000 --val_every=3
 #   python gapt.py config/shakespeare.py config/shakespeare_epochs.py --mode=baseline --out_dir=out-shakespeare-epochs-baseline-1
 dataset = "shakespeare_50k"  # 49,989 train tokens; val: 20,011 tokens of the same plays (every third paragraph)
 max_iters = 800

@@ -21,11 +21,16 @@ import numpy as np
 import torch
 
 import gapt
-from gapt import GAPT, draw_step_windows, mbe_weight_for, measure_alignment, train_step
+from gapt import GAPT, draw_step_windows, measure_alignment, phase_and_weight, train_step
+from prepare_data import stop
 
 DEFAULTS = dict(gapt.DEFAULTS,
                 steps=20,  # timed optimizer steps per variant per round
                 rounds=5)  # rounds; variants take turns within a round and the median round is reported
+RULES = {**gapt.RULES,
+         **gapt.rule(lambda v: v > 0, "positive", ("steps", "rounds")),
+         **gapt.rule(lambda v: 0 < v <= 2 ** 16, "in 1..65536 (the random tokens are uint16)", ("vocab_size",))}
+
 
 def synchronize(device):
     if device.type == "cuda":
@@ -47,9 +52,9 @@ def bench_variants(cfg, model, train_model, optimizer, token_path, autocast_ctx,
         train_step(train_model, optimizer, draw(), 0.0, cfg, token_path, autocast_ctx, dist_info)
 
     def compression_step():
-        weight = mbe_weight_for("gapt", cfg.mbe_weight, gate)
-        stats = train_step(train_model, optimizer, draw(), weight, cfg, token_path, autocast_ctx, dist_info)
-        gate.step(stats[0], stats[1])
+        _, weight = phase_and_weight("gapt", cfg.mbe_weight, gate)
+        ce, mbe_reg = train_step(train_model, optimizer, draw(), weight, cfg, token_path, autocast_ctx, dist_info)
+        gate.step(ce, mbe_reg)
 
     def alignment():
         measure_alignment(model, draw()[0], cfg, token_path, autocast_ctx, dist_info)
@@ -61,7 +66,7 @@ def bench_variants(cfg, model, train_model, optimizer, token_path, autocast_ctx,
 def run_bench(cfg):
     dist_info = gapt.setup_distributed(cfg)
     device = dist_info.device
-    micro_steps = cfg.gradient_accumulation_steps // dist_info.world_size
+    micro_steps = gapt.micro_steps_per_process(cfg, dist_info)
     torch.manual_seed(cfg.seed)
     model = gapt.make_model(cfg).to(device)
     optimizer = gapt.make_optimizer(model, cfg, device)
@@ -129,11 +134,9 @@ def report_bench(cfg, model, timings, dist_info):
 
 
 def load_config(argv):
-    cfg = gapt.parse_config(argv, DEFAULTS)
+    cfg = gapt.parse_config(argv, DEFAULTS, RULES)
     gapt.validate_config(cfg)
-    for key in ("steps", "rounds"):
-        if cfg[key] <= 0:
-            raise gapt.ConfigError(f"{key} must be positive, got {cfg[key]}")
+    gapt.check_writable(cfg.out_dir)
     return cfg
 
 

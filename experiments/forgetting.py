@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gapt import GAPT, ConfigError, iblm_loss, mbe, mbe_weight_for, parse_config, patch_mbe
+from gapt import GAPT, check_writable, iblm_loss, mbe, parse_config, patch_mbe, phase_and_weight, rule, set_threads
+from prepare_data import stop
 
 DEFAULTS = dict(
     out_dir="out-forgetting",  # forgetting.json (every number and curve) goes here
@@ -58,8 +59,8 @@ DEFAULTS = dict(
     tau=0.1,  # gate: relative L1 rise that aborts compression (paper's value)
     gate_signal="batch",  # what the gate sees: 'batch' (every micro-batch, as now and as the author), 'step_mean', 'ema'; patience counts its calls
     gate_ema=0.9,  # with gate_signal='ema': decay of the moving average of the step means (0.9: ~10 steps)
+    threads=0,  # CPU threads; 0 = auto, as gapt.py's threads (the cores but one)
 )
-POSITIVE = ("seeds", "steps", "batch_size", "micro_batches", "patch_size", "n_eval", "n_sep_train", "eval_interval")
 FORGET_MODES = ("baseline", "iblm", "gapt")
 # sequential: task 1, then task 2. mixed: every batch half of each (the default table's two).
 # pretrain_finetune (the author's): mixed, then task 1 alone, restarting Adam and the gate at the
@@ -69,6 +70,20 @@ SCHEDULES = FORGET_SCHEDULES + ("pretrain_finetune",)
 GATE_SIGNALS = ("batch", "step_mean", "ema")
 MBE_FLOOR = 1e-5  # the author's floor under lambda * MBE (src/forget.py)
 PAPER_SEPARATION_GAIN_PCT = 97.0  # the paper's headline for this toy, GAPT vs baseline
+RULES = {  # what each key must be; the gate's keys as in gapt.RULES
+    **rule(lambda v: v > 0, "positive", ("seeds", "steps", "batch_size", "micro_batches", "patch_size", "lr",
+                                          "n_eval", "n_sep_train", "eval_interval")),
+    **rule(lambda v: v >= 0, ">= 0", ("mbe_weight", "delta_ce", "delta_mbe", "patience_mem", "patience_comp", "tau",
+                                       "threads")),
+    **rule(lambda v: v >= 0, "0 (a fresh stream) or a number of samples", ("n_train",)),
+    **rule(lambda v: v >= 0, ">= 0 (0: no floor)", ("mbe_softness",)),
+    **rule(lambda v: 0 <= v < 1, "in [0, 1) (0: no smoothing)", ("gate_ema",)),
+    **rule(lambda v: v != "", "a non-empty path", ("out_dir",)),
+    # as many known names as names: none unknown, none twice
+    **rule(lambda v: len(set(v.split(",")) & set(SCHEDULES)) == len(v.split(",")),
+           f"distinct names from {','.join(SCHEDULES)}, comma-separated", ("schedules",)),
+    **rule(lambda v: v in GATE_SIGNALS, f"one of {', '.join(GATE_SIGNALS)}", ("gate_signal",)),
+}
 
 
 class ToyMLP(nn.Module):
@@ -295,10 +310,10 @@ def train_forgetting(tasks, mode, schedule, cfg, seed=0):
             # each micro-batch gets the phase the gate is in when it comes, then moves the gate
             weights = []
             for k in range(K):
-                weights.append(mbe_weight_for(mode, cfg.mbe_weight, gate))
+                weights.append(phase_and_weight(mode, cfg.mbe_weight, gate)[1])
                 gate.step(l1[k].detach(), m[k].detach())
         else:
-            weights = [mbe_weight_for(mode, cfg.mbe_weight, gate)] * K
+            weights = [phase_and_weight(mode, cfg.mbe_weight, gate)[1]] * K
             if mode == "gapt":  # one gate step per optimizer step
                 smoothed = gate_input(torch.stack([l1.mean(), m.mean()]).detach(), smoothed, cfg)
                 gate.step(*smoothed)
@@ -401,28 +416,21 @@ def run_forgetting(cfg):
 
 
 def load_config(argv):
-    cfg = parse_config(argv, DEFAULTS)
-    for key in POSITIVE:
-        if cfg[key] <= 0:
-            raise ConfigError(f"{key} must be positive, got {cfg[key]}")
+    cfg = parse_config(argv, DEFAULTS, RULES)
     if cfg.batch_size % (2 * cfg.patch_size):
-        raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of 2 * patch_size "
-                         f"({2 * cfg.patch_size}), so that no MBE patch of a mixed batch mixes the two tasks")
-    schedules = cfg.schedules.split(",")
-    if not set(schedules) <= set(SCHEDULES) or len(set(schedules)) != len(schedules):
-        raise ConfigError(f"schedules must be distinct names from {','.join(SCHEDULES)}, "
-                          f"comma-separated, got {cfg.schedules!r}")
+        stop(f"batch_size ({cfg.batch_size}) must be a multiple of 2 * patch_size "
+             f"({2 * cfg.patch_size}), so that no MBE patch of a mixed batch mixes the two tasks")
+    if cfg.n_eval % cfg.patch_size:
+        stop(f"n_eval ({cfg.n_eval}) must be a multiple of patch_size ({cfg.patch_size}): "
+             f"the held-out MBE cuts each task's samples into whole patches")
     if cfg.n_train and cfg.n_train < max(cfg.batch_size, cfg.n_sep_train):
-        raise ConfigError(f"n_train must be 0 (a fresh stream) or at least batch_size and n_sep_train "
-                          f"({max(cfg.batch_size, cfg.n_sep_train)}): a draw takes distinct samples, got {cfg.n_train}")
-    if cfg.gate_signal not in GATE_SIGNALS:
-        raise ConfigError(f"gate_signal must be one of {', '.join(GATE_SIGNALS)}, got {cfg.gate_signal!r}")
-    if not 0 <= cfg.gate_ema < 1:
-        raise ConfigError(f"gate_ema must be in [0, 1) (0: no smoothing), got {cfg.gate_ema}")
-    if cfg.mbe_softness < 0:
-        raise ConfigError(f"mbe_softness must be >= 0 (0: no floor), got {cfg.mbe_softness}")
+        stop(f"n_train must be 0 (a fresh stream) or at least batch_size and n_sep_train "
+             f"({max(cfg.batch_size, cfg.n_sep_train)}): a draw takes distinct samples, got {cfg.n_train}")
+    check_writable(cfg.out_dir)  # now, not after every run has been trained
     return cfg
 
 
 if __name__ == "__main__":
-    run_forgetting(load_config(sys.argv[1:]))
+    config = load_config(sys.argv[1:])
+    set_threads(config.threads)
+    run_forgetting(config)

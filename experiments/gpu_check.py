@@ -21,6 +21,7 @@ import sys
 import gapt
 from experiments import bench
 from experiments.report import final_metrics
+from prepare_data import stop
 
 DEFAULTS = dict(
     out_dir="out-gpu-check",  # bench/, one folder per arithmetic run, and gpu_check.json go here
@@ -31,22 +32,24 @@ DEFAULTS = dict(
     arith_iters=300,  # optimizer steps of each arithmetic run
     smoke=False,  # a tiny model and a few steps: checks the program anywhere (the tests)
 )
+RULES = {**gapt.rule(lambda v: v > 0, "positive", ("bench_steps", "bench_rounds", "arith_iters")),
+         **gapt.rule(lambda v: v != "", "a non-empty path", ("out_dir", "data_dir"))}
 MODES = ("baseline", "iblm", "gapt")
 SMOKE_MODEL = ["--n_layer=3", "--n_head=2", "--n_embd=16", "--mbe_skip_first=1", "--mbe_skip_last=1",
                "--patch_size=8", "--compile=False"]
 
 
-def run_benchmark(cfg):
+def bench_config(cfg):
     """GPT-2 124M (gapt.py's defaults) at 16 x 1024 tokens per micro-batch, 4 micro-batches a step."""
     args = [f"--device={cfg.device}", f"--out_dir={os.path.join(cfg.out_dir, 'bench')}", "--batch_size=16",
             "--gradient_accumulation_steps=4", f"--steps={cfg.bench_steps}", f"--rounds={cfg.bench_rounds}"]
     if cfg.smoke:
         args += SMOKE_MODEL + ["--block_size=64", "--batch_size=2", "--vocab_size=64"]
-    return bench.run_bench(bench.load_config(args))
+    return bench.load_config(args)
 
 
-def run_arithmetic(cfg, mode):
-    """config/arithmetic_gpt2.py, shortened; returns its final evaluation (experiments.report's metrics)."""
+def arithmetic_config(cfg, mode):
+    """config/arithmetic_gpt2.py, shortened."""
     out_dir = os.path.join(cfg.out_dir, f"arith-{mode}")
     n = cfg.arith_iters
     patience = max(1, round(0.07 * n))
@@ -56,8 +59,13 @@ def run_arithmetic(cfg, mode):
             f"--patience_mem={patience}", f"--patience_comp={patience}", f"--align_interval={max(1, n // 10)}"]
     if cfg.smoke:
         args += SMOKE_MODEL + ["--batch_size=4", "--eval_iters=1", "--answer_eval_examples=20", "--log_interval=1"]
-    gapt.train(gapt.load_config(args))
-    return final_metrics(out_dir, gapt.read_log(os.path.join(out_dir, "log.jsonl")))
+    return gapt.load_config(args)
+
+
+def run_arithmetic(arith_cfg):
+    """One arithmetic run; returns its final evaluation (experiments.report's metrics)."""
+    gapt.train(arith_cfg)
+    return final_metrics(arith_cfg.out_dir, gapt.read_log(os.path.join(arith_cfg.out_dir, "log.jsonl")))
 
 
 def print_tables(summary, runs):
@@ -78,9 +86,23 @@ def print_tables(summary, runs):
         print(f"| {mode} | " + " | ".join(f"{metrics[k]:.4f}" for k in keys) + " |")
 
 
+def load_config(argv):
+    return gapt.parse_config(argv, DEFAULTS, RULES)
+
+
 def run_gpu_check(cfg):
-    summary = run_benchmark(cfg)
-    runs = {mode: run_arithmetic(cfg, mode) for mode in MODES}
+    # everything is checked before the benchmark writes its first file: out_dir, the configs derived
+    # from ours (the device among them) and the data; gapt.train's own checks come after the benchmark
+    gapt.check_writable(cfg.out_dir)
+    arith_cfgs = {mode: arithmetic_config(cfg, mode) for mode in MODES}
+    for arith_cfg in arith_cfgs.values():
+        if os.path.exists(os.path.join(arith_cfg.out_dir, "ckpt.pt")):
+            stop(f"out_dir {cfg.out_dir!r} holds an earlier check ({arith_cfg.out_dir}/ckpt.pt): "
+                 f"choose another --out_dir, or delete {cfg.out_dir!r} to check again")
+    bench_cfg = bench_config(cfg)
+    gapt.check_data(arith_cfgs["baseline"])  # every mode reads the same data
+    summary = bench.run_bench(bench_cfg)
+    runs = {mode: run_arithmetic(arith_cfg) for mode, arith_cfg in arith_cfgs.items()}
     print_tables(summary, runs)
     path = os.path.join(cfg.out_dir, "gpu_check.json")
     with open(path, "w") as f:
@@ -90,4 +112,4 @@ def run_gpu_check(cfg):
 
 
 if __name__ == "__main__":
-    run_gpu_check(gapt.parse_config(sys.argv[1:], DEFAULTS))
+    run_gpu_check(load_config(sys.argv[1:]))

@@ -14,35 +14,64 @@ import sys
 
 import numpy as np
 
-from gapt import DEFAULTS as DEFAULTS_OF_GAPT, ConfigError, parse_config, read_log
+from gapt import DEFAULTS as DEFAULTS_OF_GAPT, parse_config, read_log, rule
+from prepare_data import stop
 
 DEFAULTS = dict(
     runs="",  # comma-separated out_dirs of the runs to draw (or one forgetting out_dir)
-    file="runs.png",  # where the figure goes (default: not in assets/, which holds the committed figures)
+    file="",  # where the figure goes ('': runs.png in the first run's folder, never over assets/'s committed ones)
     align_window=0,  # steps per column of the alignment-cosine table (0: the runs' eval_interval)
+    learned_exact_match=0.3,  # val exact match from which an arithmetic run counts as having learned the task
 )
+RULES = {
+    **rule(lambda v: v >= 0, ">= 0 (0: the runs' eval_interval)", ("align_window",)),
+    **rule(lambda v: 0 <= v <= 1, "in [0, 1]", ("learned_exact_match",)),
+}
 
 
 def import_pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("report: figures need matplotlib, which training does not: pip install matplotlib")
+        stop("figures need matplotlib, which training does not: pip install matplotlib")
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
     return plt
 
 
+def start_configs(rows):
+    """The config of each start row: one, or one more per resume."""
+    return [r["config"] for r in rows if r.get("event") == "start"]
+
+
 def start_config(rows):
-    return next(r["config"] for r in rows if r.get("event") == "start")
+    return start_configs(rows)[0]
+
+
+def setting(configs, key):
+    """A run's value of a setting: a key an older gapt.py did not log has its default, and a run
+    resumed with another value shows each value in turn (0.1 -> 1.0)."""
+    values = [str(config.get(key, DEFAULTS_OF_GAPT.get(key))) for config in configs]
+    return " -> ".join(v for i, v in enumerate(values) if i == 0 or v != values[i - 1])
 
 
 def read_run(out_dir):
-    """(mode, rows) of a run: its mode from the start row, and every row of its log."""
+    """(mode, rows) of a run: its mode from the start row, and every row of its log. A run resumed
+    with another mode is refused rather than labelled: the tables compare modes, its compression share
+    is defined per mode, and a run of two modes belongs to neither."""
     path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.isdir(out_dir):
+        stop(f"--runs: {out_dir} is {'a file' if os.path.exists(out_dir) else 'not there'}; "
+             f"--runs takes the out_dirs of gapt.py runs, comma-separated")
     if not os.path.exists(path):
-        raise SystemExit(f"report: no {path}; --runs takes the out_dirs of runs, comma-separated")
-    rows = read_log(path)
+        stop(f"no {path}; --runs takes the out_dirs of gapt.py runs, comma-separated")
+    rows = [r for r in read_log(path) if isinstance(r, dict)]  # like a torn line, a line that is no row is left out
+    configs = start_configs(rows)
+    if not configs:
+        stop(f"{path} has no start row: it is empty or not a gapt.py log; --runs takes the out_dirs of gapt.py runs")
+    if len({config["mode"] for config in configs}) > 1:
+        stop(f"{path}: the run was resumed with another --mode ({setting(configs, 'mode')}), so it compares with "
+             f"neither mode; leave it out of --runs")
     for row in rows:  # logs written before gapt.py logged val_mbe_all: the same mean, from the blocks
         if "val_mbe_blocks" in row and "val_mbe_all" not in row:
             row["val_mbe_all"] = float(np.mean(row["val_mbe_blocks"]))
@@ -90,14 +119,19 @@ def line_groups(runs):
     return list(groups.values())
 
 
-def plot_training_runs(run_dirs, png_path):
-    """One panel per quantity the runs logged; GAPT's compression phases shaded in its color.
+def plot_training_runs(run_dirs):
+    """The figure: one panel per quantity the runs logged; GAPT's compression phases shaded in its color.
     A mode with several seeds is drawn as thin seed lines under a bold mean: with 5 seeds of 3 modes,
     15 lines of equal weight hide the comparison the figure is for."""
     plt = import_pyplot()
     runs = [read_run(d) for d in run_dirs]
     groups = line_groups(runs)
     panels = [(key, title) for key, title in PLOT_PANELS if any(key in r for _, rows in runs for r in rows)]
+    if not panels:
+        stop(f"nothing to draw: no run in --runs has logged a step or an evaluation yet; report them after "
+             f"their first log_interval")
+    # the phases of several GAPT seeds overlap and shade darker
+    spans = [span for mode, rows in runs if mode == "gapt" for span in compression_spans(rows, rows[-1]["iter"])]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False)
     for ax, (key, title) in zip(axes[:, 0], panels):
         for label, mode, style, members in groups:
@@ -111,28 +145,38 @@ def plot_training_runs(run_dirs, png_path):
             if several:
                 ax.plot(*mean_curve([curve for _, curve in curves]), color=MODE_COLORS[mode], ls=style, lw=2,
                         label=f"{label}, mean of {len(curves)} seeds")
-        for mode, rows in runs:  # the phases of several GAPT seeds overlap and shade darker
-            if mode == "gapt":
-                for first, last in compression_spans(rows, rows[-1]["iter"]):
-                    ax.axvspan(first, last, color=MODE_COLORS[mode], alpha=0.08, lw=0)
+        for first, last in spans:
+            ax.axvspan(first, last, color=MODE_COLORS["gapt"], alpha=0.08, lw=0)
         if key == "align_cos":
             ax.axhline(0, color="k", lw=0.5)
         ax.set_ylabel(title, fontsize=8)
     axes[0, 0].legend(fontsize=7, ncol=3)
-    if any(mode == "gapt" for mode, _ in runs):
+    if spans:
         axes[0, 0].set_title("shaded: GAPT compression phases (darker where more seeds compress)", fontsize=8)
     axes[-1, 0].set_xlabel("optimizer step")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def plot_forgetting(json_path, png_path):
+def read_json(path, keys, fix):
+    """What another program here wrote to path, or one line saying it is not that."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+        stop(f"{path} is not JSON ({e}); {fix}")
+    missing = [key for key in keys if not isinstance(result, dict) or key not in result]
+    if missing:
+        stop(f"{path} has no {', '.join(missing)}; {fix}")
+    return result
+
+
+def plot_forgetting(json_path):
     """Figure of the conflicting-memories toy from forgetting.json: separation per mode (mean and std
     over seeds, both schedules) and separation over training steps (mean over seeds)."""
     plt = import_pyplot()
-    with open(json_path) as f:
-        result = json.load(f)
+    result = read_json(json_path, ("summary", "runs", "config", "paper_separation_gain_pct"),
+                       f"rerun python -m experiments.forgetting --out_dir={os.path.dirname(json_path)}")
     summary, runs, steps_per_task = result["summary"], result["runs"], result["config"]["steps"]
     schedules = list(summary)
     modes = list(summary[schedules[0]])
@@ -179,8 +223,7 @@ def plot_forgetting(json_path, png_path):
         ax.set_title(f"{schedule} schedule: separation during training\n"
                      "(red ticks: steps GAPT compressed in, any micro-batch, seed 0)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 SUMMARY_KEYS = ("val_ce", "min_val_ce", "val_mbe", "val_mbe_all", "val_answer_ce", "val_ood_answer_ce",
@@ -220,22 +263,29 @@ def final_metrics(out_dir, rows):
             metrics[f"{key} {block}"] = value
     path = os.path.join(out_dir, "eval_arithmetic.json")
     if os.path.exists(path):
-        with open(path) as f:
-            metrics.update({f"{row['split']}_exact_match": row["exact_match"] for row in json.load(f)["rows"]})
+        result = read_json(path, ("rows",),
+                           f"rerun python sample.py --eval=arithmetic --out_dir={out_dir}, or delete it")
+        metrics.update({f"{row['split']}_exact_match": row["exact_match"] for row in result["rows"]})
     return metrics
 
 
+def reference_row(labels):
+    """The row changes are measured against: the plain "baseline", else the first baseline row (None
+    without one)."""
+    return "baseline" if "baseline" in labels else next((m for m in labels if m.startswith("baseline")), None)
+
+
 def mode_table(by_mode, keys, headers=None):
-    """Markdown rows: mean ± std of each key over each mode's runs, and the change of the mean
-    against the first baseline row's (the plain "baseline" when there is one)."""
+    """Markdown rows: mean ± std of each key over each mode's runs (the value alone for one run: one
+    run has no spread), and the change of the mean against the reference row's."""
     means = {mode: {k: np.mean([m[k] for m in ms]) for k in keys} for mode, ms in by_mode.items()}
-    reference = "baseline" if "baseline" in by_mode else next((m for m in by_mode if m.startswith("baseline")), None)
+    reference = reference_row(by_mode)
     lines = ["| mode | runs | " + " | ".join(headers or keys) + " |", "|---|---:|" + "---:|" * len(keys)]
     for mode, ms in by_mode.items():
         cells = []
         for k in keys:
             values = [m[k] for m in ms]
-            cell = f"{np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.4f}"
+            cell = f"{np.mean(values):.4f}" + (f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
             if reference not in (None, mode) and means[reference][k]:
                 cell += f" ({100 * (means[mode][k] / means[reference][k] - 1):+.1f}%)"
             cells.append(cell)
@@ -271,37 +321,121 @@ KEY_NAMES = dict(mbe_weight="lambda")
 def setting_labels(runs):
     """A row label per (mode, rows): the mode, then each setting that differs between that mode's runs
     (a lambda curve, the half-batch baseline, the gate reading test_ood), so that runs of different
-    protocols are never averaged together. A key a run's log lacks (an older gapt.py) has its default."""
-    configs = [start_config(rows) for _, rows in runs]
-    setting = lambda config, key: config.get(key, DEFAULTS_OF_GAPT.get(key))
+    protocols are never averaged together; a run resumed with another setting is labelled by each value
+    it ran with."""
+    configs = [start_configs(rows) for _, rows in runs]
     labels = []
     for (mode, _), config in zip(runs, configs):
         peers = [c for (m, _), c in zip(runs, configs) if m == mode]
-        varying = [k for k in DEFAULTS_OF_GAPT if k not in SAME_PROTOCOL_KEYS
-                   and len({repr(setting(c, k)) for c in peers}) > 1]
+        varying = [k for k in DEFAULTS_OF_GAPT
+                   if k not in SAME_PROTOCOL_KEYS and len({setting(c, k) for c in peers}) > 1]
         labels.append(" ".join([mode] + [f"{KEY_NAMES.get(k, k)} {setting(config, k)}" for k in varying]))
     return labels
 
 
-def summarize_runs(run_dirs, align_window=0):
-    """Markdown tables of the runs' final evaluations, by mode: the summary metrics, then the
-    validation MBE of every block (the regularized middle ones and the free ones at both ends),
-    then the alignment cosine over training if the runs measured it."""
-    metrics_by_mode, rows_by_mode, pending = {}, {}, []
+# t_0.975 of Student t for 1..30 degrees of freedom (the standard table); beyond, the Cornish-Fisher series
+# in 1/df to second order, within 1e-4 of the exact quantile there
+T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
+         2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
+         2.0518, 2.0484, 2.0452, 2.0423)
+
+
+def t_975(df):
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964  # the normal quantile, the limit
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def mean_and_interval(values, fmt):
+    """The mean of paired changes and its 95% t-interval over the seeds (n - 1 degrees of freedom)."""
+    mean = np.mean(values)
+    if len(values) == 1:
+        return f"{fmt.format(mean)} (1 seed: no interval)"
+    half = t_975(len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values))
+    return f"{fmt.format(mean)} [{fmt.format(mean - half)}, {fmt.format(mean + half)}]"
+
+
+PAIRED_KEYS = ("val_ce", "min_val_ce", "val_mbe_all", "val_ood_answer_ce", "val_ood_answer_ce_in_context",
+               "val_exact_match", "val_ood_exact_match")
+
+
+def runs_by_seed(runs):
+    """{seed: [(out_dir, final metrics)]} from [(out_dir, rows, final metrics)]."""
+    groups = {}
+    for out_dir, rows, metrics in runs:
+        groups.setdefault(start_config(rows).get("seed", DEFAULTS_OF_GAPT["seed"]), []).append((out_dir, metrics))
+    return groups
+
+
+def paired_table(evaluated, reference, learned_exact_match):
+    """Markdown rows comparing each row with the reference row seed by seed (runs of different seeds
+    differ by more than many effects): per key the change of every pair of runs of one seed, their mean
+    and its 95% t-interval, also relative to the reference run; and whether the pairs are informative,
+    both runs having learned the in-distribution task. Runs without a partner are named, not paired."""
+    references = runs_by_seed(evaluated[reference])
+    lines = ["| row | n seeds | informative | metric | change per seed | mean change [95% CI] | "
+             "mean change % [95% CI] |", "|---|---:|---|---|---|---:|---:|"]
+    notes = []
+    for label, runs in evaluated.items():
+        if label == reference:
+            continue
+        arms = runs_by_seed(runs)
+        seeds = sorted(s for s in set(references) & set(arms) if len(references[s]) == len(arms[s]) == 1)
+        left_out = [f"{out_dir} (seed {seed}: {len(references.get(seed, []))} {reference} and "
+                    f"{len(arms.get(seed, []))} {label} runs)"
+                    for group in (references, arms) for seed in group if seed not in seeds
+                    for out_dir, _ in group[seed]]
+        if left_out:
+            notes.append(f"{label} vs {reference}, left out of the pairs: {', '.join(left_out)}")
+        pairs = [(references[s][0][1], arms[s][0][1]) for s in seeds]
+        if not pairs:
+            continue
+        if all("val_exact_match" in m for pair in pairs for m in pair):
+            learned = sum(min(b["val_exact_match"], a["val_exact_match"]) >= learned_exact_match for b, a in pairs)
+            informative = "yes" if learned == len(pairs) else f"no ({learned}/{len(pairs)} pairs)"
+        else:
+            informative = "n/a"
+        for key in [k for k in PAIRED_KEYS if all(k in m for pair in pairs for m in pair)]:
+            changes = [a[key] - b[key] for b, a in pairs]
+            relative = (mean_and_interval([100 * (a[key] / b[key] - 1) for b, a in pairs], "{:+.1f}%")
+                        if all(b[key] for b, _ in pairs) else "n/a")  # n/a: a reference run at 0
+            per_seed = ", ".join(f"{s}: {c:+.4f}" for s, c in zip(seeds, changes))
+            lines.append(f"| {label} | {len(pairs)} | {informative} | {key} | {per_seed} | "
+                         f"{mean_and_interval(changes, '{:+.4f}')} | {relative} |")
+    return lines if len(lines) > 2 else [], notes
+
+
+def summarize_runs(run_dirs, align_window=0, learned_exact_match=DEFAULTS["learned_exact_match"]):
+    """Markdown tables of the runs' final evaluations, by mode: the summary metrics, the paired changes
+    against the baseline, then the validation MBE of every block (the regularized middle ones and the
+    free ones at both ends), then the alignment cosine over training if the runs measured it."""
+    evaluated, pending = {}, []  # {row label: [(out_dir, rows, final metrics)]}
     runs = [(out_dir, *read_run(out_dir)) for out_dir in run_dirs]
     labels = setting_labels([(mode, rows) for _, mode, rows in runs])
     for (out_dir, _, rows), mode in zip(runs, labels):
         if not any(r.get("event") == "eval" for r in rows):
             pending.append(out_dir)  # a run still before its first evaluation: in the figure only
             continue
-        metrics_by_mode.setdefault(mode, []).append(final_metrics(out_dir, rows))
-        rows_by_mode.setdefault(mode, []).append(rows)
-    runs = [m for ms in metrics_by_mode.values() for m in ms]
-    if not runs:
+        evaluated.setdefault(mode, []).append((out_dir, rows, final_metrics(out_dir, rows)))
+    if not evaluated:
         return f"no evaluation yet in {', '.join(pending)}: no table"
+    metrics_by_mode = {mode: [metrics for _, _, metrics in rs] for mode, rs in evaluated.items()}
+    rows_by_mode = {mode: [rows for _, rows, _ in rs] for mode, rs in evaluated.items()}
+    runs = [m for ms in metrics_by_mode.values() for m in ms]
     keys = [k for k in SUMMARY_KEYS if all(k in m for m in runs)]
-    lines = [f"final evaluation at iter {sorted({m['iter'] for m in runs})}, mean ± std over runs "
-             f"(change of the mean vs baseline); {SELECTED_KEYS_NOTE}", "", *mode_table(metrics_by_mode, keys)]
+    iters = sorted({m["iter"] for m in runs})
+    lines = [f"final evaluation at iter{'s' if len(iters) > 1 else ''} {', '.join(map(str, iters))}, mean ± std over "
+             f"runs (change of the mean vs baseline); {SELECTED_KEYS_NOTE}", "", *mode_table(metrics_by_mode, keys)]
+    reference = reference_row(evaluated)
+    pairs, notes = paired_table(evaluated, reference, learned_exact_match) if reference else ([], [])
+    if pairs:
+        lines += ["", f"paired by seed: each run minus the {reference} run of its seed, the mean change and its 95% "
+                      f"t-interval over seeds, also in % of the {reference} run; informative: both runs of every pair "
+                      f"reached val exact match >= {learned_exact_match} (n/a without eval_arithmetic.json)",
+                  "", *pairs]
+    if notes:
+        lines += ["", *notes]
     for key, title in BLOCK_TABLES.items():
         n_blocks = min(sum(k.startswith(f"{key} ") for k in m) for m in runs)
         if n_blocks:
@@ -318,19 +452,53 @@ def summarize_runs(run_dirs, align_window=0):
     return "\n".join(lines)
 
 
+def check_figure_file(path):
+    """A name matplotlib writes, where the folder that holds it (or the nearest one above it that
+    exists, for folders still to be made) is writable."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if os.path.isdir(path):
+        stop(f"--file={path} is a folder; name a file in it, {os.path.join(path, 'runs.png')} say")
+    if os.path.splitext(path)[1][1:].lower() not in formats:
+        stop(f"--file={path}: end the figure's name in a format matplotlib writes: .{', .'.join(formats)}")
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        stop(f"--file={path}: {existing} is a file, not a folder; choose another --file")
+    if not os.access(existing, os.W_OK):
+        stop(f"--file={path}: {existing} is not writable; choose another --file")
+
+
 def run_report(cfg):
     run_dirs = [d for d in cfg.runs.split(",") if d]
     if not run_dirs:
-        raise ConfigError("--runs=DIR[,DIR...] is needed: the out_dirs of the runs to draw")
-    os.makedirs(os.path.dirname(cfg.file) or ".", exist_ok=True)
-    forgetting_json = os.path.join(run_dirs[0], "forgetting.json")
-    if os.path.exists(forgetting_json):
-        plot_forgetting(forgetting_json, cfg.file)
+        stop("--runs=DIR[,DIR...] is needed: the out_dirs of the runs to draw")
+    seen = {}
+    for run_dir in run_dirs:
+        if os.path.realpath(run_dir) in seen:
+            stop(f"--runs names the run {seen[os.path.realpath(run_dir)]} twice (as {run_dir} again); "
+                 f"each run counts once: drop the repeat")
+        seen[os.path.realpath(run_dir)] = run_dir
+    forgetting = [d for d in run_dirs if os.path.exists(os.path.join(d, "forgetting.json"))]
+    if forgetting and len(run_dirs) > 1:
+        stop(f"{forgetting[0]} is a forgetting run (forgetting.json), drawn on its own: report it with "
+             f"--runs={forgetting[0]} and the other runs in a command of their own")
+    plt = import_pyplot()
+    summary = None if forgetting else summarize_runs(run_dirs, cfg.align_window, cfg.learned_exact_match)
+    file = cfg.file or os.path.join(run_dirs[0], "runs.png")
+    check_figure_file(file)
+    if forgetting:
+        fig = plot_forgetting(os.path.join(forgetting[0], "forgetting.json"))
     else:
-        plot_training_runs(run_dirs, cfg.file)
-        print(summarize_runs(run_dirs, cfg.align_window))
-    print(f"wrote {cfg.file}")
+        fig = plot_training_runs(run_dirs)
+    os.makedirs(os.path.dirname(file) or ".", exist_ok=True)  # only now: an error above leaves nothing behind
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+    if summary:
+        print(summary)
+    print(f"wrote {file}")
 
 
 if __name__ == "__main__":
-    run_report(parse_config(sys.argv[1:], DEFAULTS))
+    run_report(parse_config(sys.argv[1:], DEFAULTS, RULES))
