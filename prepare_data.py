@@ -111,7 +111,10 @@ def write_meta(f, tokenizer, vocab_size, eot_token, tokens, command):
 
 # ---- reading a dataset back: gapt.py and sample.py check it here, where the format is defined ----
 
-def prepare_command(name):
+def prepare_command(name, meta=None):
+    """The command that makes (or made: meta.json keeps it) dataset `name`."""
+    if meta and isinstance(meta.get("command"), str):
+        return meta["command"]
     if name in ("fineweb", "arithmetic"):
         return f"python prepare_data.py {name}"
     return f"python prepare_data.py text --files='path/to/*.txt' --dataset={name}"
@@ -139,7 +142,7 @@ def check_split(data_dir, name, split, block_size, meta):
     """The path of a split's .bin, or a one-line error with the command that fixes it: nothing trains
     on a missing or truncated file."""
     path = os.path.join(data_dir, name, f"{split}.bin")
-    fix = f"prepare it with: {prepare_command(name)}"
+    fix = f"prepare it with: {prepare_command(name, meta)}"
     if not os.path.exists(path):
         stop(f"dataset '{name}' has no {path}; {fix}")
     size = os.path.getsize(path)
@@ -170,12 +173,19 @@ def answer_sets(data_dir, name, meta, n_examples):
     {} for text."""
     if meta is None or not isinstance(meta.get("tokenizer"), list) or "=" not in meta["tokenizer"]:
         return {}
-    sets = {}
-    for split in ("val", "val_ood", "test_ood"):
+    sep, sets = meta["tokenizer"].index("="), {}
+    for split in ("val", "val_ood", "test_ood"):  # val_ood is the paper's headline metric: never skipped
         path = os.path.join(data_dir, name, f"{split}.bin")
-        if os.path.exists(path):
-            examples = split_examples(np.fromfile(path, dtype=np.uint16), meta["eot_token"])
-            sets[split] = (examples[:n_examples], meta["tokenizer"].index("="))
+        if split == "test_ood" and not os.path.exists(path):
+            continue
+        check_split(data_dir, name, split, 0, meta)  # missing, odd, or not the length meta.json says
+        examples = split_examples(np.fromfile(path, dtype=np.uint16), meta["eot_token"])[:n_examples]
+        # random bytes, or another dataset's file: examples without one '=' inside, or unknown ids
+        if not examples or any(ex.count(sep) != 1 or not 1 < ex.index(sep) < len(ex) - 1
+                               or max(ex) >= meta["vocab_size"] for ex in examples):
+            stop(f"{path} does not hold a*b=c examples of this dataset's vocabulary; "
+                 f"prepare it again with: {prepare_command(name, meta)}")
+        sets[split] = (examples, sep)
     return sets
 
 

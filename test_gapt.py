@@ -834,6 +834,30 @@ def test_resuming_with_other_settings_names_each_change_in_one_line(tmp_path, da
     assert "max_iters 3 -> 6" in line and "init_from" not in line
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "has no .*val_ood.bin; prepare it with: python prepare_data.py arithmetic"),
+    ("odd", "val_ood.bin has an odd number of bytes"),
+    ("truncated", "val_ood.bin holds .* tokens but meta.json says"),
+    ("random bytes", r"val_ood.bin does not hold a\*b=c examples .*prepare it again with: python prepare_data.py arithmetic"),
+])
+def test_a_missing_or_damaged_val_ood_split_is_refused_before_training(tmp_path, damage, message):
+    """val_ood carries the paper's headline metric: a run never trains without it, or on part of it."""
+    prepare(tmp_path, "arithmetic", "--n_train=2000", "--n_val=200")
+    path = tmp_path / "data" / "arithmetic" / "val_ood.bin"
+    data = path.read_bytes()
+    if damage == "missing":
+        path.unlink()
+    elif damage == "odd":
+        path.write_bytes(data + b"x")
+    elif damage == "truncated":
+        path.write_bytes(data[:len(data) // 4 * 2])  # whole tokens, half of them
+    else:
+        path.write_bytes(np.random.default_rng(0).integers(0, 2 ** 16, len(data) // 2, dtype=np.uint16).tobytes())
+    with pytest.raises(SystemExit, match=message):
+        gapt.train(tiny_config(tmp_path, dataset="arithmetic", block_size=32))
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_a_truncated_bin_file_is_refused_with_the_command_to_rebuild_it(tmp_path, data):
     with open(os.path.join(data, "train.bin"), "r+b") as f:
         f.truncate(1000)
