@@ -606,7 +606,8 @@ def train(cfg):
         phase, weight = phase_and_weight(cfg.mode, cfg.mbe_weight, gate)
         ce, mbe_reg = train_step(train_model, optimizer, starts, weight, cfg, paths["train"], autocast_ctx, dist_info)
         if cfg.mode == "gapt":  # gate_reads='test_ood' feeds it a test loss instead: the leak, measured
-            gate_ce = ce if cfg.gate_reads == "train" else leaked_test_ce(model, iter_num, cfg, paths, autocast_ctx, dist_info)
+            gate_ce = (ce if cfg.gate_reads == "train"
+                       else leaked_test_ce(model, iter_num, cfg, paths, autocast_ctx, dist_info))
             gate.step(gate_ce, mbe_reg)
         iter_num += 1
         history.append((iter_num, lr, ce, mbe_reg, phase))  # still on the device: nothing has waited for it
@@ -1111,8 +1112,8 @@ def load_weights(model, state, fix="start again with --init_from=scratch"):
         model.load_state_dict(state)
     except RuntimeError as e:  # missing or unexpected keys, other shapes: not the model its config describes
         stop(f"the checkpoint's weights do not fit the model its config describes "
-             f"({next((l.strip() for l in str(e).splitlines()[1:]), str(e))[:160]} ...); the file was edited or mixed up with "
-             f"another run's: {fix}")
+             f"({next((l.strip() for l in str(e).splitlines()[1:]), str(e))[:160]} ...); the file was edited "
+             f"or mixed up with another run's: {fix}")
 
 
 def say_what_changed_since(checkpoint, cfg):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import gapt
 import prepare_data
 import sample
-from experiments import bench, forgetting, gpu_check, report
+from experiments import bench, forgetting, gpu_check, launch_check, report, threads
 from gapt import GAPT, GPT, GPTConfig, mbe, patch_mbe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -220,7 +220,7 @@ def test_patch_mbe_rejects_a_length_that_is_not_a_multiple_of_the_patch():
 # The GAPT gate
 # -----------------------------------------------------------------------------
 class PseudoCodeGate:
-    """PAPER.md's pseudo-code, transcribed line by line in plain Python."""
+    """The paper's pseudo-code (the rule above GAPT in gapt.py), transcribed line by line in plain Python."""
 
     def __init__(self, delta_ce, delta_mbe, patience_mem, patience_comp, tau):
         self.d_ce, self.d_mbe, self.p_m, self.p_c, self.tau = delta_ce, delta_mbe, patience_mem, patience_comp, tau
@@ -1055,6 +1055,16 @@ def test_a_checkpoint_file_left_half_written_by_a_killed_run_is_removed_when_it_
 def test_the_experiments_refuse_zero_seeds_steps_or_rounds(program, arg):
     with pytest.raises(SystemExit, match=f"{arg[2:].split('=')[0]} must be positive"):
         dict(forgetting=forgetting, bench=bench)[program].load_config([arg])
+
+
+@pytest.mark.parametrize("program, arg, message", [
+    ("launch_check", "--steps=0", "steps must be positive"), ("launch_check", "--dtype=float16", "dtype must be one of"),
+    ("threads", "--toy_steps=-1", "toy_steps must be positive"),
+    ("threads", "--thread_counts=1,two", "thread_counts must be positive counts, comma-separated")])
+def test_the_checks_and_the_thread_measurement_refuse_bad_keys_before_any_work(program, arg, message):
+    module = dict(launch_check=launch_check, threads=threads)[program]
+    with pytest.raises(SystemExit, match=message):
+        gapt.parse_config([arg], module.DEFAULTS, module.RULES)
 
 
 def test_a_config_file_that_does_not_run_is_a_one_line_error(tmp_path, data):
