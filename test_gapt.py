@@ -1385,17 +1385,6 @@ def test_the_authors_regime_runs_from_its_config_file(tmp_path):
     assert (config["n_train"], config["lr"], config["mbe_weight"], config["schedules"]) == (500, 1e-2, 10.0, "pretrain_finetune")
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("--n_train=-1", "n_train must be 0"), ("--n_train=16", "n_train must be 0"),
-    ("--micro_batches=0", "micro_batches must be positive"), ("--n_sep_train=0", "n_sep_train must be positive"),
-    ("--schedules=interleaved", "schedules must be"), ("--schedules=mixed,mixed", "schedules must be"),
-    ("--gate_signal=smooth", "gate_signal must be one of"), ("--gate_ema=1", "gate_ema must be in"),
-    ("--mbe_softness=-0.1", "mbe_softness must be")])
-def test_bad_toy_options_are_one_line_config_errors(arg, message):
-    with pytest.raises(SystemExit, match=message):
-        forgetting.load_config([arg])
-
-
 def test_every_forgetting_key_has_a_rule():
     assert set(forgetting.RULES) == set(forgetting.DEFAULTS)
 
@@ -1408,7 +1397,12 @@ def test_every_forgetting_key_has_a_rule():
     ("--patch_size=0", "patch_size must be positive"), ("--batch_size=-32", "batch_size must be positive"),
     ("--n_eval=0", "n_eval must be positive"), ("--eval_interval=0", "eval_interval must be positive"),
     ("--seeds=-1", "seeds must be positive"), ("--out_dir=", "out_dir must be a non-empty path"),
-    ("--schedules=", "schedules must be distinct names from sequential,mixed,pretrain_finetune")])
+    ("--schedules=", "schedules must be distinct names from sequential,mixed,pretrain_finetune"),
+    ("--n_train=-1", "n_train must be 0"), ("--n_train=16", "n_train must be 0"),
+    ("--micro_batches=0", "micro_batches must be positive"), ("--n_sep_train=0", "n_sep_train must be positive"),
+    ("--schedules=interleaved", "schedules must be"), ("--schedules=mixed,mixed", "schedules must be"),
+    ("--gate_signal=smooth", "gate_signal must be one of"), ("--gate_ema=1", "gate_ema must be in"),
+    ("--mbe_softness=-0.1", "mbe_softness must be")])
 def test_a_forgetting_value_its_key_cannot_take_stops_naming_the_key_and_what_it_must_be(arg, message):
     with pytest.raises(SystemExit, match=message):
         forgetting.load_config([arg])
