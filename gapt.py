@@ -539,22 +539,6 @@ def measure_alignment(model, starts, cfg, train_path, autocast_ctx, dist_info):
     return dict(align_cos=values[0], align_cos_blocks=[None if math.isnan(v) else round(v, 5) for v in values[1:]])
 
 
-def read_back_steps(history, phases, resumed_phase, cfg, log_path, dist_info):
-    """The losses and phases of the steps since the last log, read from the device in one sync:
-    each step's loss is checked, each phase change gets its row (the first step of a resumed run is
-    compared with the checkpointed step's phase), and the last step's row is returned."""
-    values = torch.stack([torch.stack([ce, mbe_reg, torch.as_tensor(phase).to(ce)])
-                          for _, _, ce, mbe_reg, phase in history]).tolist()  # (steps, 3): the one sync
-    previous = phases[-1] if phases else resumed_phase
-    for (it, lr, *_), (ce, mbe_reg, phase) in zip(history, values):
-        stop_if_not_finite(ce, "the training loss", it, cfg)
-        if previous is not None and phase != previous and dist_info.master:
-            append_jsonl(log_path, dict(iter=it, event="phase_change", phase=int(phase)))
-        previous = int(phase)
-        phases.append(previous)
-    return dict(iter=it, phase=int(phase), ce=ce, mbe=mbe_reg, lr=lr)
-
-
 def train(cfg):
     dist_info = setup_distributed(cfg)
     set_threads(cfg.threads)
@@ -573,13 +557,26 @@ def train(cfg):
     if checkpoint is None:  # a new model is sized by its dataset's vocabulary
         cfg.vocab_size = model_vocab_size(cfg, meta)
 
-    # the model, optimizer, gate and data stream: fresh, then loaded from the checkpoint when resuming
-    model, optimizer, gate, data_gen = build_run(cfg, dist_info, meta)
+    # the model and its optimizer: the same initialization on every rank
+    if device.type == "cuda":  # TF32 for any float32 matmul left outside autocast
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    # the GAPT gate, where the losses it reads are (on MPS, which has no float64, the CPU)
+    gate = GAPT(delta_ce=cfg.delta_ce, delta_mbe=cfg.delta_mbe, patience_mem=cfg.patience_mem,
+                patience_comp=cfg.patience_comp, tau=cfg.tau, comp_end=cfg.comp_end,
+                device=device if device.type == "cuda" else torch.device("cpu"))
+    data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: see draw_step_windows
+    torch.manual_seed(cfg.seed + dist_info.rank)  # dropout: a stream of its own on each rank
+    # resuming: the checkpoint's weights, optimizer, gate and RNG streams replace the fresh ones
     iter_num, best_val_loss, resumed_phase = restore_run(checkpoint, model, optimizer, gate, data_gen, dist_info)
     autocast_ctx = autocast_context(cfg, device)
     log_path = start_log(cfg, dist_info, iter_num, model, micro_steps)
-    # the training graph: compiled once (and wrapped in DDP); evaluation and alignment use `model`
-    train_model = wrap_for_training(model, cfg, dist_info)
+    # the training graph: compiled once, and in DDP under torchrun; evaluation and the probe use `model`
+    train_model = torch.compile(model) if cfg.compile else model
+    if dist_info.ddp:
+        train_model = DDP(train_model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
 
     n_train = os.path.getsize(paths["train"]) // 2
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
@@ -974,21 +971,13 @@ def autocast_context(cfg, device):
 
 
 # -----------------------------------------------------------------------------
-# The run's objects: model, optimizer, gate, data stream; FLOPs for the MFU in the log
+# The model and optimizer train() builds (the benchmark and the experiments too); FLOPs for the MFU in the log
 # -----------------------------------------------------------------------------
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "patch_size")
 
 
 def make_model(cfg):
     return GPT(GPTConfig(**{key: cfg[key] for key in MODEL_KEYS}))
-
-
-def wrap_for_training(model, cfg, dist_info):
-    """The module the training steps call: compiled (once) and, under torchrun, wrapped in DDP."""
-    train_model = torch.compile(model) if cfg.compile else model
-    if dist_info.ddp:
-        train_model = DDP(train_model, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None)
-    return train_model
 
 
 def model_vocab_size(cfg, meta):
@@ -1004,26 +993,6 @@ def make_optimizer(model, cfg, device):
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-
-
-def build_run(cfg, dist_info, meta):
-    """A fresh model, optimizer, gate and data stream."""
-    device = dist_info.device
-    if model_vocab_size(cfg, meta) != cfg.vocab_size:  # only a resumed run can disagree with its data
-        stop(f"the checkpoint's model has a vocabulary of {cfg.vocab_size} but dataset "
-             f"'{cfg.dataset}' needs {model_vocab_size(cfg, meta)}: it was trained on another dataset. "
-             f"Resume with its own --dataset, or start a new run with --init_from=scratch")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg.seed)  # the same initialization on every rank
-    model = make_model(cfg).to(device)
-    # the gate lives where the losses are, except on MPS, which has no float64
-    gate = GAPT(cfg.delta_ce, cfg.delta_mbe, cfg.patience_mem, cfg.patience_comp, cfg.tau, cfg.comp_end,
-                device=device if device.type == "cuda" else torch.device("cpu"))
-    data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: see draw_step_windows
-    torch.manual_seed(cfg.seed + dist_info.rank)  # dropout: a different stream on each rank
-    return model, make_optimizer(model, cfg, device), gate, data_gen
 
 
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
@@ -1167,6 +1136,10 @@ def check_data(cfg):
     meta = read_meta(cfg.data_dir, cfg.dataset)
     paths = {split: check_split(cfg.data_dir, cfg.dataset, split, cfg.block_size, meta) for split in ("train", "val")}
     sets = answer_sets(cfg.data_dir, cfg.dataset, meta, cfg.answer_eval_examples)
+    if cfg.init_from == "resume" and model_vocab_size(cfg, meta) != cfg.vocab_size:  # then cfg has the checkpoint's
+        stop(f"the checkpoint's model has a vocabulary of {cfg.vocab_size} but dataset '{cfg.dataset}' needs "
+             f"{model_vocab_size(cfg, meta)}: it was trained on another dataset. Resume with its own --dataset, "
+             f"or start a new run with --init_from=scratch")
     if cfg.gate_reads == "test_ood":
         if not sets and not os.path.exists(os.path.join(cfg.data_dir, cfg.dataset, "test_ood.bin")):
             stop(f"gate_reads=test_ood reads the test_ood split of arithmetic data, and '{cfg.dataset}' is not "
@@ -1240,6 +1213,22 @@ def read_log(path):
             except json.JSONDecodeError:
                 pass
     return rows
+
+
+def read_back_steps(history, phases, resumed_phase, cfg, log_path, dist_info):
+    """The losses and phases of the steps since the last log, read from the device in one sync:
+    each step's loss is checked, each phase change gets its row (the first step of a resumed run is
+    compared with the checkpointed step's phase), and the last step's row is returned."""
+    values = torch.stack([torch.stack([ce, mbe_reg, torch.as_tensor(phase).to(ce)])
+                          for _, _, ce, mbe_reg, phase in history]).tolist()  # (steps, 3): the one sync
+    previous = phases[-1] if phases else resumed_phase
+    for (it, lr, *_), (ce, mbe_reg, phase) in zip(history, values):
+        stop_if_not_finite(ce, "the training loss", it, cfg)
+        if previous is not None and phase != previous and dist_info.master:
+            append_jsonl(log_path, dict(iter=it, event="phase_change", phase=int(phase)))
+        previous = int(phase)
+        phases.append(previous)
+    return dict(iter=it, phase=int(phase), ce=ce, mbe=mbe_reg, lr=lr)
 
 
 def append_jsonl(path, row):

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gapt
 from gapt import GAPT, draw_step_windows, measure_alignment, phase_and_weight, train_step
@@ -74,7 +75,9 @@ def run_bench(cfg):
     token_path = os.path.join(cfg.out_dir, f"bench_tokens_rank{dist_info.rank}.bin")
     n_tokens = 64 * cfg.block_size
     np.random.default_rng(cfg.seed).integers(cfg.vocab_size, size=n_tokens, dtype=np.uint16).tofile(token_path)
-    train_model = gapt.wrap_for_training(model, cfg, dist_info)
+    train_model = torch.compile(model) if cfg.compile else model  # as train() builds it
+    if dist_info.ddp:
+        train_model = DDP(train_model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
     autocast_ctx = gapt.autocast_context(cfg, device)
     variants = bench_variants(cfg, model, train_model, optimizer, token_path, autocast_ctx, dist_info, micro_steps, n_tokens)
     for run_step in variants.values():  # warm-up: compilation and allocator caches
