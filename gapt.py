@@ -15,11 +15,12 @@ Run it:
 
 Read it top to bottom: the config, MBE, the model, the IBLM loss, the GAPT gate, the gradient
 alignment probe, data, evaluation and the training loop, in the order things happen. Below
-train() is what a first reading can skip: the arithmetic answer scoring, config checks, processes,
-checkpoints, data checks.
+train() is what a first reading can skip: the author's test leak, config checks, processes,
+checkpoints, data checks. The arithmetic answers are scored in prepare_data.py, beside their format.
 """
 
 import ast
+import ctypes
 import json
 import math
 import os
@@ -36,7 +37,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from prepare_data import answer_sets, check_split, read_meta, stop  # the data format is checked where it is defined
+# the data format is checked, and the arithmetic answers scored, where the format is defined
+from prepare_data import answer_ce_in_context, answer_scores, answer_sets, check_split, read_meta, stop
 
 # -----------------------------------------------------------------------------
 # Config
@@ -430,7 +432,7 @@ def load_windows(path, starts, block_size, device):
 
 # -----------------------------------------------------------------------------
 # Evaluation: validation CE and per-block MBE, averaged over ranks; on arithmetic, the answer CE
-# (the paper's out-of-distribution metric) of each example alone and in context, scored below train().
+# (the paper's out-of-distribution metric) of each example alone and in context, scored in prepare_data.py.
 # -----------------------------------------------------------------------------
 def patch_spectrum(h, patch_size):
     """What a low MBE is made of, per block, as means over patches: [MBE; MBE of the patch with its
@@ -543,6 +545,8 @@ def train(cfg):
     dist_info = setup_distributed(cfg)
     set_threads(cfg.threads)
     device = dist_info.device
+    if device.type == "cpu":
+        keep_freed_memory()
     micro_steps = micro_steps_per_process(cfg, dist_info)
 
     # everything is checked before anything is written: the checkpoint, the data, out_dir
@@ -652,76 +656,8 @@ def train(cfg):
 # =============================================================================
 
 # -----------------------------------------------------------------------------
-# Arithmetic answers, the paper's OOD metric: each example scored alone and in a stream of examples
+# The author's test leak, measured: the gate fed a test_ood loss (gate_reads='test_ood')
 # -----------------------------------------------------------------------------
-@torch.no_grad()
-def answer_scores(model, examples, sep_token, digits, device, batch_size=256):
-    """Teacher-forced CEs of the answers, each example its own prompt, from one forward pass and one
-    read-back: where along the product the model goes wrong. digits: the set of digit ids.
-      answer_ce: the mean over the answer tokens, after sep_token '=' and before the final eot (in the
-        author's format the space after '=' too, as their code scores it);
-      answer_ce_from_first, answer_ce_from_last: the mean CE of the product's digits by position,
-        counted from the leading digit and from the last ([0] is that digit), each over the products
-        that have the position: lists as long as the longest product;
-      end_ce: the mean CE of the final eot: does the model know the product ends there?"""
-    width = max(len(ex) for ex in examples)
-    idx = torch.zeros(len(examples), width, dtype=torch.long)  # right padding: causal attention never looks at it
-    # each scored target, as an index into the (N, width - 1) CEs flattened, and the bin it is averaged in:
-    # 0 the answer, 1 the eot, 2k and 2k + 1 the k-th digit from the first and from the last
-    targets, bins = [], []
-    for row, ex in enumerate(examples):
-        idx[row, :len(ex)] = torch.tensor(ex)
-        eq, end = ex.index(sep_token), len(ex) - 2  # position t predicts ex[t + 1]: eq .. end - 1 the answer
-        digit_at = [t for t in range(eq, end) if ex[t + 1] in digits]
-        scored = ([(t, 0) for t in range(eq, end)] + [(end, 1)]
-                  + [(t, 2 * k) for k, t in enumerate(digit_at, 1)]
-                  + [(t, 2 * k + 1) for k, t in enumerate(reversed(digit_at), 1)])
-        targets += [row * (width - 1) + t for t, _ in scored]
-        bins += [b for _, b in scored]
-    targets, bins = torch.tensor(targets), torch.tensor(bins)
-    idx = idx.to(device)  # copied once: no copy inside the loop waits for the device
-    ce = torch.empty(len(examples), width - 1, device=device)
-    for i in range(0, len(examples), batch_size):
-        x = idx[i:i + batch_size]
-        logits = model.all_logits(x[:, :-1]).float()  # (B, width - 1, vocab)
-        ce[i:i + batch_size] = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
-    ce = ce.flatten().cpu().double()  # the one read-back; summed on the host, in the same order every time
-    counts = bins.bincount()
-    means = (torch.zeros(len(counts), dtype=torch.float64).index_add_(0, bins, ce[targets]) / counts).tolist()
-    return dict(answer_ce=means[0], answer_ce_from_first=means[2::2], answer_ce_from_last=means[3::2], end_ce=means[1])
-
-
-@torch.no_grad()
-def answer_ce_in_context(model, examples, sep_token, device, window, batch_size=64):
-    """The answer CE with the examples read as one stream, in order, as in training: windows of
-    `window` tokens every window // 2 tokens, each example scored in the one window where it ends in
-    the second half and lies whole, so every scored answer sees at least half a window of earlier
-    examples and their answers. The examples that end in the stream's first half-window are context only.
-    NaN when the longest example is longer than half a window, or the examples fill less than one window."""
-    half, eot = window // 2, examples[0][0]
-    stream = torch.tensor([eot] + [t for ex in examples for t in ex[1:]])  # eot a*b=c eot a*b=c eot ...
-    if max(len(ex) - 1 for ex in examples) > half or len(stream) <= window:
-        return math.nan
-    ids = torch.arange(len(stream))
-    last = lambda mask: torch.cummax(torch.where(mask, ids, -1), 0).values  # latest index at or before each token
-    # answer digits: after the '=' of their own example (the last '=' comes after the last eot)
-    is_answer = (stream != eot) & (stream != sep_token) & (last(stream == sep_token) > last(stream == eot))
-    eots = ids[stream == eot]
-    example_end = eots[torch.searchsorted(eots, ids)]  # the eot that ends each token's example
-    starts = torch.arange(0, len(stream) - window, half)[:, None]  # (n_windows, 1)
-    targets = starts + 1 + torch.arange(window)  # (n_windows, window): the positions each window predicts
-    end = example_end[targets]
-    # an example no longer than half a window that ends in the second half lies whole in the window
-    scored = is_answer[targets] & (end > starts + half) & (end <= starts + 2 * half)
-    total, count = 0.0, 0
-    for rows in torch.arange(len(starts)).split(batch_size):
-        logits = model.all_logits(stream[targets[rows] - 1].to(device)).float()  # (B, window, vocab)
-        nll = F.cross_entropy(logits.transpose(1, 2), stream[targets[rows]].to(device), reduction="none")
-        total += nll[scored[rows].to(device)].sum().item()
-        count += int(scored[rows].sum())
-    return total / count if count else math.nan
-
-
 @torch.no_grad()
 def leaked_test_ce(model, iter_num, cfg, paths, autocast_ctx, dist_info):
     """The CE of one batch of test_ood windows, drawn by step number (so resuming draws the same):
@@ -911,14 +847,11 @@ def setup_distributed(cfg):
 
 
 def shutdown_distributed(dist_info):
-    """Destroy the process group while Python is fully alive, and never let it deadlock.
-    A gloo worker thread drops its reference to a finished collective's tensors after the caller's
-    wait() has returned. If Python has freed those tensors by then, the worker must take the GIL to
-    free their Python objects. At interpreter exit that aborts the process (SIGABRT); and older torch
-    (2.4 here) destroys the group holding the GIL while it waits for the workers: the two wait for each
-    other for ever. Hence every collective's tensor is held (Dist.hold) until the group is gone: a worker
-    then only ever drops a reference, never frees a Python object. The caller drops DDP first: DDP
-    holds the group, and its own collectives use tensors the model keeps."""
+    """Destroy the process group while Python is fully alive. A gloo worker drops its reference to a
+    collective's tensors after wait() has returned; if Python has freed them, the worker needs the GIL:
+    at exit that aborts (SIGABRT), and torch 2.4 destroys the group holding the GIL while waiting for
+    the workers, a deadlock. Hence every collective's tensor is held (Dist.hold) until the group is gone.
+    The caller drops DDP first: DDP holds the group."""
     if dist_info.ddp:
         dist.destroy_process_group()
         dist_info.held.clear()
@@ -933,6 +866,16 @@ def set_threads(threads):
             return
         threads = max(1, ((os.cpu_count() or 1) - 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     torch.set_num_threads(threads)
+
+
+def keep_freed_memory():
+    """A CPU step frees its batch x block x vocab tensors (400 MB each at 16 x 128 tokens of GPT-2) and
+    allocates them again; glibc returns such blocks to the kernel, which zeroes fresh pages for the next
+    step: a third of its CPU time. Kept in the heap they are reused; the process keeps its peak memory."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
+    if mallopt is not None:  # glibc (musl's does nothing)
+        mallopt(-4, 0)  # M_MMAP_MAX = 0: no block gets a mapping of its own (unless the heap cannot grow)
+        mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: the heap's free top is never given back
 
 
 def micro_steps_per_process(cfg, dist_info):
@@ -1031,9 +974,8 @@ def save_checkpoint(path, checkpoint):
 
 
 def keep_best_checkpoint(out_dir):
-    """best.pt: the checkpoint of the evaluation with the lowest validation CE so far. A hard link to
-    ckpt.pt, not a copy, so it costs no disk until a later, worse checkpoint replaces ckpt.pt (a file
-    system without hard links gets a copy)."""
+    """best.pt, the lowest validation CE so far: a hard link to ckpt.pt (no disk until a later, worse
+    checkpoint replaces ckpt.pt), or a copy where the file system has no hard links."""
     ckpt, best, tmp = (os.path.join(out_dir, name) for name in ("ckpt.pt", "best.pt", "best.pt.tmp"))
     try:
         remove_if_exists(tmp)

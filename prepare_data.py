@@ -19,6 +19,9 @@ Text is GPT-2 BPE (tiktoken). Each document becomes encode_ordinary(text) follow
 end-of-text token (50256): eot *ends* a document, as "\\n" ends an arithmetic example, so a training
 window that starts right after an eot starts at a document boundary, and a model sampled with
 stop_token=eot stops where documents stop.
+
+The arithmetic answers are also scored here, beside their format: the answer CE of each example
+alone and in a stream of examples, the paper's OOD metric (gapt.py logs it, sample.py prints it).
 """
 
 import argparse
@@ -27,6 +30,7 @@ import functools
 import glob
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import shlex
@@ -187,6 +191,78 @@ def answer_sets(data_dir, name, meta, n_examples):
                  f"prepare it again with: {prepare_command(name, meta)}")
         sets[split] = (examples, sep)
     return sets
+
+
+# ---- scoring answers, the paper's OOD metric: each example alone and in a stream of examples ----
+# (gapt.py logs them at every evaluation, sample.py --eval=arithmetic prints them)
+
+def answer_scores(model, examples, sep_token, digits, device, batch_size=256):
+    """Teacher-forced CEs of the answers, each example its own prompt, in one read-back. answer_ce: over
+    the tokens after sep_token '=' and before the final eot (in the author's format the space after '='
+    too, as their code scores it); answer_ce_from_first / _from_last: per digit position of the product,
+    counted from its leading / last digit, over the products that have it; end_ce: the final eot's CE."""
+    import torch  # here, not at the top: preparing data never needs torch
+    import torch.nn.functional as F
+    with torch.no_grad():
+        width = max(len(ex) for ex in examples)
+        idx = torch.zeros(len(examples), width, dtype=torch.long)  # right padding: causal attention never looks at it
+        # each scored target, as an index into the (N, width - 1) CEs flattened, and the bin it is averaged in:
+        # 0 the answer, 1 the eot, 2k and 2k + 1 the k-th digit from the first and from the last
+        targets, bins = [], []
+        for row, ex in enumerate(examples):
+            idx[row, :len(ex)] = torch.tensor(ex)
+            eq, end = ex.index(sep_token), len(ex) - 2  # position t predicts ex[t + 1]: eq .. end - 1 the answer
+            digit_at = [t for t in range(eq, end) if ex[t + 1] in digits]
+            scored = ([(t, 0) for t in range(eq, end)] + [(end, 1)]
+                      + [(t, 2 * k) for k, t in enumerate(digit_at, 1)]
+                      + [(t, 2 * k + 1) for k, t in enumerate(reversed(digit_at), 1)])
+            targets += [row * (width - 1) + t for t, _ in scored]
+            bins += [b for _, b in scored]
+        targets, bins = torch.tensor(targets), torch.tensor(bins)
+        idx = idx.to(device)  # copied once: no copy inside the loop waits for the device
+        ce = torch.empty(len(examples), width - 1, device=device)
+        for i in range(0, len(examples), batch_size):
+            x = idx[i:i + batch_size]
+            logits = model.all_logits(x[:, :-1]).float()  # (B, width - 1, vocab)
+            ce[i:i + batch_size] = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+        ce = ce.flatten().cpu().double()  # the one read-back; summed on the host, in the same order every time
+        counts = bins.bincount()
+        means = (torch.zeros(len(counts), dtype=torch.float64).index_add_(0, bins, ce[targets]) / counts).tolist()
+        return dict(answer_ce=means[0], answer_ce_from_first=means[2::2], answer_ce_from_last=means[3::2],
+                    end_ce=means[1])
+
+
+def answer_ce_in_context(model, examples, sep_token, device, window, batch_size=64):
+    """The answer CE with the examples read as one stream, in order, as in training: windows of
+    `window` tokens every window // 2 tokens, each example scored in the one window where it ends in
+    the second half and lies whole, so every scored answer sees at least half a window of earlier
+    examples and their answers. The examples that end in the stream's first half-window are context only.
+    NaN when the longest example is longer than half a window, or the examples fill less than one window."""
+    import torch  # here, not at the top: preparing data never needs torch
+    import torch.nn.functional as F
+    with torch.no_grad():
+        half, eot = window // 2, examples[0][0]
+        stream = torch.tensor([eot] + [t for ex in examples for t in ex[1:]])  # eot a*b=c eot a*b=c eot ...
+        if max(len(ex) - 1 for ex in examples) > half or len(stream) <= window:
+            return math.nan
+        ids = torch.arange(len(stream))
+        last = lambda mask: torch.cummax(torch.where(mask, ids, -1), 0).values  # latest index at or before each token
+        # answer digits: after the '=' of their own example (the last '=' comes after the last eot)
+        is_answer = (stream != eot) & (stream != sep_token) & (last(stream == sep_token) > last(stream == eot))
+        eots = ids[stream == eot]
+        example_end = eots[torch.searchsorted(eots, ids)]  # the eot that ends each token's example
+        starts = torch.arange(0, len(stream) - window, half)[:, None]  # (n_windows, 1)
+        targets = starts + 1 + torch.arange(window)  # (n_windows, window): the positions each window predicts
+        end = example_end[targets]
+        # an example no longer than half a window that ends in the second half lies whole in the window
+        scored = is_answer[targets] & (end > starts + half) & (end <= starts + 2 * half)
+        total, count = 0.0, 0
+        for rows in torch.arange(len(starts)).split(batch_size):
+            logits = model.all_logits(stream[targets[rows] - 1].to(device)).float()  # (B, window, vocab)
+            nll = F.cross_entropy(logits.transpose(1, 2), stream[targets[rows]].to(device), reduction="none")
+            total += nll[scored[rows].to(device)].sum().item()
+            count += int(scored[rows].sum())
+        return total / count if count else math.nan
 
 
 # ---- text sources: the Hub (fineweb) or local files (text), both as a streaming `datasets` object ----

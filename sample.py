@@ -226,9 +226,9 @@ def greedy_answers(model, prompts, eot_token, device, batch_size=256):
 
 def evaluate_arithmetic(model, examples, sep_token, eot_token, decode, device):
     """Scores on examples (token lists `a*b=c\\n`): exact match of the greedy answer string with
-    the true product; the teacher-forced scores of gapt.answer_scores: the answer CE, its parts per
+    the true product; the teacher-forced scores of prepare_data.answer_scores: the answer CE, its parts per
     digit position counted from the leading digit and from the last, and the CE of the end token; the
-    answer CE in context (gapt.answer_ce_in_context) where the model's context holds two of the
+    answer CE in context (prepare_data.answer_ce_in_context) where the model's context holds two of the
     longest examples; the mean absolute difference in digits between the greedy answer and the true
     one (length error: does it get the size right?) and the mean signed one (length bias: below 0, it
     ends its answers too early); and the share of greedy answers whose leading digit, leading two
@@ -243,21 +243,21 @@ def evaluate_arithmetic(model, examples, sep_token, eot_token, decode, device):
     digits = {token for ex in examples for token in ex if decode([token]).isdigit()}
     scores = dict(examples=len(examples),
                   exact_match=sum(right) / len(examples),
-                  **gapt.answer_scores(model, examples, sep_token, digits, device),
+                  **prepare_data.answer_scores(model, examples, sep_token, digits, device),
                   length_error=sum(abs(len(g) - len(t)) for g, t in zip(guesses, truths)) / len(examples),
                   length_bias=sum(len(g) - len(t) for g, t in zip(guesses, truths)) / len(examples),
                   leading_digit_accuracy=sum(g[:1] == t[:1] for g, t in pairs) / len(examples),
                   leading_two_digits_accuracy=sum(g[:2] == t[:2] for g, t in pairs) / len(examples),
                   last_digit_accuracy=sum(g[-1:] == t[-1:] for g, t in pairs) / len(examples),
                   exact_match_by_digits=exact_match_by_digits([decode(p[1:-1]) for p in prompts], right))  # `\na*b=` -> `a*b`
-    in_context = gapt.answer_ce_in_context(model, examples, sep_token, device, model.config.block_size)
+    in_context = prepare_data.answer_ce_in_context(model, examples, sep_token, device, model.config.block_size)
     if math.isfinite(in_context):
         scores["answer_ce_in_context"] = in_context
     return scores
 
 
 def why_no_answer_ce_in_context(examples, window):
-    """Why gapt.answer_ce_in_context has no number (nan) for these examples, in words."""
+    """Why prepare_data.answer_ce_in_context has no number (nan) for these examples, in words."""
     longest = max(len(ex) for ex in examples) - 1  # in the stream, an example's leading eot is the one before it
     if longest > window // 2:
         return (f"the model's window ({window} tokens) must hold two of the longest examples ({longest} tokens "

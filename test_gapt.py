@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import gapt
 import prepare_data
 import sample
-from experiments import bench, forgetting, gpu_check, launch_check, report, threads
+from experiments import bench, forgetting, gpu_check, launch_check, report, threads, vs_nanogpt
 from gapt import GAPT, GPT, GPTConfig, mbe, patch_mbe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,7 +67,7 @@ def run_program(command, timeout, env=None, cwd=None):
 
 
 # -----------------------------------------------------------------------------
-# Helpers: tiny datasets and configs
+# Helpers: tiny datasets and configs, the training log, the arithmetic vocabularies
 # -----------------------------------------------------------------------------
 def write_dataset(data_dir, name="tiny", vocab_size=32, n_train=20000, n_val=4000, seed=0, tokenizer="gpt2"):
     """A learnable token stream (a noisy counter modulo vocab_size) in prepare_data.py's layout."""
@@ -105,22 +105,73 @@ def data(tmp_path):
     return write_dataset(str(tmp_path / "data"))
 
 
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+def log_rows(out_dir):
+    """out_dir's log.jsonl as gapt.read_log reads it back, which must have left no line out: in a test
+    log none is torn or unreadable (gapt.read_log leaves out a line torn by a crash)."""
+    path = os.path.join(out_dir, "log.jsonl")
+    rows = gapt.read_log(path)
+    with open(path) as f:
+        assert len(rows) == len(f.readlines()), f"{path} holds a line that is not a row"
+    return rows
 
 
 def step_rows(out_dir):
-    return [r for r in read_log(out_dir) if "ce" in r]
+    return [r for r in log_rows(out_dir) if "ce" in r]
 
 
 def load_ckpt(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
 
 
+def stops(call, *args, **kwargs):
+    """What a program stops with, called in-process: a SystemExit of one line of text, which Python prints
+    to stderr, without a traceback, before it exits with status 1 (the tests that run the programs as a
+    user runs them check that)."""
+    with pytest.raises(SystemExit) as stop:
+        call(*args, **kwargs)
+    message = stop.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    return message
+
+
 def run_gapt(*args, env=None, launcher=(sys.executable,)):
     """gapt.py as a user runs it; returns the CompletedProcess."""
     return run_program([*launcher, os.path.join(HERE, "gapt.py"), *args], timeout=300, env=env)
+
+
+# documents and datasets as prepare_data.py writes them (the tests of gapt.py and sample.py use them too)
+EOT = 50256
+DOCS = [  # varied documents: unicode, newlines, an empty one, and the eot marker written as plain text
+    "hello world", "Ça va? 日本語のテキスト 🙂", "line one\nline two\n", "", "a <|endoftext|> b",
+    *[f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 7 + 1) for i in range(40)],
+]
+NONEMPTY = [d for d in DOCS if d]
+
+
+def prepare(tmp_path, *args):
+    prepare_data.main([*args, "--data_dir", str(tmp_path / "data")])
+
+
+def write_jsonl(path, docs, column="text"):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"id": i, column: d}) + "\n")
+
+
+ARITHMETIC_CHARS = list("0123456789*=\n")  # prepare_data.py's vocabulary: id = index
+ARITH_EQ, ARITH_EOT = ARITHMETIC_CHARS.index("="), ARITHMETIC_CHARS.index("\n")
+
+
+def encode_chars(text):
+    return [ARITHMETIC_CHARS.index(c) for c in text]
+
+
+def decode_chars(ids):
+    return "".join(ARITHMETIC_CHARS[i] for i in ids)
+
+
+# the author's arithmetic format: prepare_data.py arithmetic --format author
+AUTHOR_TOKENS = ["<bos>", "<eos>", "x", "=", " ", *"0123456789"]  # their DigitTokenizer: id = index
 
 
 # -----------------------------------------------------------------------------
@@ -214,6 +265,69 @@ def test_patch_spectrum_tells_one_large_shared_direction_from_few_directions_use
 def test_patch_mbe_rejects_a_length_that_is_not_a_multiple_of_the_patch():
     with pytest.raises(ValueError, match="multiple of patch_size"):
         patch_mbe(torch.randn(1, 10, 4), 4)
+
+
+# -----------------------------------------------------------------------------
+# The model
+# -----------------------------------------------------------------------------
+def tiny_model(vocab_size=64, **kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=vocab_size, n_layer=3, n_head=2, n_embd=32, patch_size=4, **kw))
+
+
+def test_initial_loss_is_near_log_vocab():
+    model = tiny_model(vocab_size=512)
+    x, y = torch.randint(512, (8, 16)), torch.randint(512, (8, 16))
+    _, ce, mbe_blocks = model(x, y)
+    assert ce.item() == pytest.approx(math.log(512), rel=0.02)
+    assert mbe_blocks.shape == (3,) and (mbe_blocks >= 0).all() and (mbe_blocks <= math.log(4) + 1e-5).all()
+
+
+def test_a_tiny_model_overfits_one_batch():
+    model = tiny_model()
+    x, y = torch.randint(64, (4, 16)), torch.randint(64, (4, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        _, ce, _ = model(x, y)
+        optimizer.zero_grad()
+        ce.backward()
+        optimizer.step()
+    assert ce.item() < 0.1
+
+
+# -----------------------------------------------------------------------------
+# IBLM: the three modes differ only in the MBE weight of each step
+# -----------------------------------------------------------------------------
+def grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("mode, gate_phase, phase, weight", [
+    ("baseline", 1, 1, 0.0), ("baseline", 2, 1, 0.0), ("iblm", 1, 2, 0.5), ("iblm", 2, 2, 0.5),
+    ("gapt", 1, 1, 0.0), ("gapt", 2, 2, 0.5)])
+def test_mbe_weight_is_off_in_baseline_always_on_in_iblm_and_follows_the_gate_in_gapt(mode, gate_phase, phase, weight):
+    gate = GAPT()
+    gate.load_state_dict(dict(gate.state_dict(), phase=gate_phase))
+    assert [float(v) for v in gapt.phase_and_weight(mode, 0.5, gate)] == [phase, weight]
+
+
+@pytest.mark.parametrize("weight, gets_mbe_gradient", [(0.0, False), (1.0, True), (torch.tensor(0.0), False),
+                                                       (torch.tensor(1.0), True)])
+def test_iblm_loss_adds_the_mbe_gradient_only_when_its_weight_is_on(weight, gets_mbe_gradient):
+    model = tiny_model()
+    x = torch.randint(64, (4, 16))
+    _, ce, mbe_blocks = model(x, x)
+    ce_only = grads(model, ce)
+    _, ce, mbe_blocks = model(x, x)
+    combined = grads(model, gapt.iblm_loss(ce, gapt.regularized_mbe(mbe_blocks, 1, 1), weight))
+    assert torch.equal(ce_only, combined) != gets_mbe_gradient
+
+
+def test_regularized_mbe_is_the_mean_of_the_middle_blocks():
+    blocks = torch.tensor([9.0, 1.0, 2.0, 3.0, 9.0, 9.0])
+    assert gapt.regularized_mbe(blocks, 1, 2).item() == 2.0
 
 
 # -----------------------------------------------------------------------------
@@ -421,87 +535,21 @@ def test_gapt_step_never_reads_a_tensor_value_on_the_host(comp_end):
 
 
 # -----------------------------------------------------------------------------
-# The model and the three modes
+# Gradient alignment
 # -----------------------------------------------------------------------------
-def tiny_model(vocab_size=64, **kw):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=16, vocab_size=vocab_size, n_layer=3, n_head=2, n_embd=32, patch_size=4, **kw))
-
-
-def test_initial_loss_is_near_log_vocab():
-    model = tiny_model(vocab_size=512)
-    x, y = torch.randint(512, (8, 16)), torch.randint(512, (8, 16))
-    _, ce, mbe_blocks = model(x, y)
-    assert ce.item() == pytest.approx(math.log(512), rel=0.02)
-    assert mbe_blocks.shape == (3,) and (mbe_blocks >= 0).all() and (mbe_blocks <= math.log(4) + 1e-5).all()
-
-
-def test_a_tiny_model_overfits_one_batch():
-    model = tiny_model()
-    x, y = torch.randint(64, (4, 16)), torch.randint(64, (4, 16))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        _, ce, _ = model(x, y)
-        optimizer.zero_grad()
-        ce.backward()
-        optimizer.step()
-    assert ce.item() < 0.1
-
-
-def test_generate_stops_once_every_row_has_emitted_the_stop_token():
-    model = tiny_model()
-    with torch.no_grad():
-        model.lm_head.weight.zero_()  # all logits equal: greedy picks token 0 every time
-    out = sample.generate(model, torch.ones(2, 3, dtype=torch.long), max_new_tokens=10, temperature=0, stop_token=0)
-    assert out.shape == (2, 4) and out[:, -1].tolist() == [0, 0]
-
-
-def test_a_tiny_temperature_samples_the_greedy_token_instead_of_breaking():
-    model = tiny_model()
-    idx = torch.ones(2, 3, dtype=torch.long)
-    greedy = sample.generate(model, idx, max_new_tokens=5, temperature=0)
-    assert torch.equal(sample.generate(model, idx, max_new_tokens=5, temperature=1e-45), greedy)
-
-
-def test_sample_refuses_a_negative_top_k_and_a_prompt_file_that_is_not_utf8(tmp_path):
-    with pytest.raises(SystemExit, match="top_k must be >= 0"):
-        sample.load_sample_config(["--top_k=-5"])
-    prompt = tmp_path / "prompt.txt"
-    prompt.write_bytes(b"caf\xe9")
-    with pytest.raises(SystemExit, match="not UTF-8"):
-        sample.read_prompt(f"FILE:{prompt}")
-
-
-def grads(model, loss):
-    model.zero_grad()
-    loss.backward()
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
-@pytest.mark.parametrize("mode, gate_phase, phase, weight", [
-    ("baseline", 1, 1, 0.0), ("baseline", 2, 1, 0.0), ("iblm", 1, 2, 0.5), ("iblm", 2, 2, 0.5),
-    ("gapt", 1, 1, 0.0), ("gapt", 2, 2, 0.5)])
-def test_mbe_weight_is_off_in_baseline_always_on_in_iblm_and_follows_the_gate_in_gapt(mode, gate_phase, phase, weight):
-    gate = GAPT()
-    gate.load_state_dict(dict(gate.state_dict(), phase=gate_phase))
-    assert [float(v) for v in gapt.phase_and_weight(mode, 0.5, gate)] == [phase, weight]
-
-
-@pytest.mark.parametrize("weight, gets_mbe_gradient", [(0.0, False), (1.0, True), (torch.tensor(0.0), False),
-                                                       (torch.tensor(1.0), True)])
-def test_iblm_loss_adds_the_mbe_gradient_only_when_its_weight_is_on(weight, gets_mbe_gradient):
-    model = tiny_model()
-    x = torch.randint(64, (4, 16))
-    _, ce, mbe_blocks = model(x, x)
-    ce_only = grads(model, ce)
-    _, ce, mbe_blocks = model(x, x)
-    combined = grads(model, gapt.iblm_loss(ce, gapt.regularized_mbe(mbe_blocks, 1, 1), weight))
-    assert torch.equal(ce_only, combined) != gets_mbe_gradient
-
-
-def test_regularized_mbe_is_the_mean_of_the_middle_blocks():
-    blocks = torch.tensor([9.0, 1.0, 2.0, 3.0, 9.0, 9.0])
-    assert gapt.regularized_mbe(blocks, 1, 2).item() == 2.0
+def test_gradient_alignment_is_a_cosine_and_leaves_training_unchanged(tmp_path, data):
+    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "off", dropout=0.1, mode="iblm"))
+    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "on", dropout=0.1, mode="iblm", align_interval=2))
+    rows = [r for r in log_rows(tmp_path / "on") if "align_cos" in r]
+    assert [r["iter"] for r in rows] == [0, 2, 4]
+    for r in rows:
+        assert -1 <= r["align_cos"] <= 1
+        assert r["align_cos_blocks"][-1] is None  # the top block is not regularized: no MBE gradient
+        assert all(-1 <= c <= 1 for c in r["align_cos_blocks"][:-1])
+    off, on = load_ckpt(tmp_path / "off"), load_ckpt(tmp_path / "on")
+    assert all(torch.equal(off["model"][k], on["model"][k]) for k in off["model"])
+    for s_off, s_on in zip(off["optimizer"]["state"].values(), on["optimizer"]["state"].values()):
+        assert torch.equal(s_off["exp_avg_sq"], s_on["exp_avg_sq"])
 
 
 # -----------------------------------------------------------------------------
@@ -509,7 +557,7 @@ def test_regularized_mbe_is_the_mean_of_the_middle_blocks():
 # -----------------------------------------------------------------------------
 def test_training_logs_steps_evaluations_and_writes_a_checkpoint(tmp_path, data):
     result = gapt.train(tiny_config(tmp_path, mode="iblm"))
-    rows = read_log(tmp_path / "out")
+    rows = log_rows(tmp_path / "out")
     steps = [r for r in rows if "ce" in r]
     evals = [r for r in rows if r.get("event") == "eval"]
     assert [r["iter"] for r in steps] == [1, 2, 3, 4, 5, 6]
@@ -546,70 +594,8 @@ def test_gapt_mode_follows_its_gate_on_the_logged_losses(tmp_path, data):
     expected = [1] + [int(replay.step(r["ce"], r["mbe"])) for r in steps[:-1]]
     assert [r["phase"] for r in steps] == expected == result["phases"]
     assert 2 in expected
-    changes = [r["iter"] for r in read_log(tmp_path / "out") if r.get("event") == "phase_change"]
+    changes = [r["iter"] for r in log_rows(tmp_path / "out") if r.get("event") == "phase_change"]
     assert changes == [r["iter"] for a, r in zip(steps, steps[1:]) if a["phase"] != r["phase"]]
-
-
-def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, data):
-    settings = dict(mode="gapt", dropout=0.1, patience_mem=1, patience_comp=2, delta_ce=0.5, delta_mbe=0.5)
-    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "straight", **settings))
-    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "halves", max_iters=3, **settings))
-    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "halves", init_from="resume", **settings))
-    straight, halves = step_rows(tmp_path / "straight"), step_rows(tmp_path / "halves")
-    assert [(r["iter"], r["ce"], r["mbe"], r["phase"]) for r in straight] == \
-           [(r["iter"], r["ce"], r["mbe"], r["phase"]) for r in halves]
-    a, b = load_ckpt(tmp_path / "straight"), load_ckpt(tmp_path / "halves")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert a["gapt"] == b["gapt"]
-
-
-def test_a_run_resumed_just_before_a_phase_change_logs_it_and_reports_as_the_straight_run(tmp_path, data):
-    settings = dict(mode="gapt", patience_mem=1, patience_comp=2, delta_ce=0.5, delta_mbe=0.5, eval_interval=1)
-    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "straight", **settings))
-    changes = lambda out_dir: [r for r in read_log(out_dir) if r.get("event") == "phase_change"]
-    first = changes(tmp_path / "straight")[0]["iter"]  # the step whose phase differs from the one before
-    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "halves", max_iters=first - 1, **settings))
-    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "halves", init_from="resume", **settings))
-    assert changes(tmp_path / "halves") == changes(tmp_path / "straight")
-    assert report.summarize_runs([str(tmp_path / "halves")]) == report.summarize_runs([str(tmp_path / "straight")])
-
-
-def test_resume_takes_the_architecture_from_the_checkpoint_before_checking_the_data(tmp_path, data):
-    gapt.train(tiny_config(tmp_path, max_iters=2))
-    # a block_size longer than the 4,000-token val split would be refused, were it the run's
-    gapt.train(tiny_config(tmp_path, init_from="resume", block_size=8192))
-    assert load_ckpt(tmp_path / "out")["config"]["block_size"] == TINY["block_size"]
-    assert [r["iter"] for r in step_rows(tmp_path / "out")][-1] == TINY["max_iters"]
-
-
-def test_gradient_alignment_is_a_cosine_and_leaves_training_unchanged(tmp_path, data):
-    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "off", dropout=0.1, mode="iblm"))
-    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "on", dropout=0.1, mode="iblm", align_interval=2))
-    rows = [r for r in read_log(tmp_path / "on") if "align_cos" in r]
-    assert [r["iter"] for r in rows] == [0, 2, 4]
-    for r in rows:
-        assert -1 <= r["align_cos"] <= 1
-        assert r["align_cos_blocks"][-1] is None  # the top block is not regularized: no MBE gradient
-        assert all(-1 <= c <= 1 for c in r["align_cos_blocks"][:-1])
-    off, on = load_ckpt(tmp_path / "off"), load_ckpt(tmp_path / "on")
-    assert all(torch.equal(off["model"][k], on["model"][k]) for k in off["model"])
-    for s_off, s_on in zip(off["optimizer"]["state"].values(), on["optimizer"]["state"].values()):
-        assert torch.equal(s_off["exp_avg_sq"], s_on["exp_avg_sq"])
-
-
-def test_an_interrupted_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    gapt.save_checkpoint(path, dict(iter_num=1, w=torch.ones(3)))
-
-    def crash_mid_write(obj, f):
-        with open(f, "wb") as out:
-            out.write(b"PK\x03\x04 half a checkpoint")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", crash_mid_write)
-    with pytest.raises(KeyboardInterrupt):
-        gapt.save_checkpoint(path, dict(iter_num=2, w=torch.zeros(3)))
-    assert torch.load(path, weights_only=True)["iter_num"] == 1
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch):
@@ -667,9 +653,144 @@ def test_training_steps_read_nothing_back_from_the_device_between_logs(tmp_path,
     assert counts[0] == counts[1]
 
 
+# ---- on each kind of dataset prepare_data.py writes ----
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "arithmetic"])
+def test_gapt_trains_a_few_steps_on_each_kind_of_prepared_dataset(tmp_path, kind):
+    data_dir = str(tmp_path / "data")
+    if kind == "arithmetic":
+        prepare_data.main(["arithmetic", "--n_train", "500", "--n_val", "30", "--data_dir", data_dir])
+    else:
+        source = tmp_path / f"corpus.{kind}"
+        if kind == "txt":
+            source.write_text("\n\n".join(NONEMPTY))
+        else:
+            write_jsonl(source, NONEMPTY)
+        prepare_data.main(["text", "--files", str(source), "--dataset", kind, "--val_tokens", "100", "--val_every", "5",
+                           "--num_proc", "1", "--data_dir", data_dir])
+    result = gapt.train(tiny_config(tmp_path, dataset=kind, max_iters=2, eval_interval=2, answer_eval_examples=10,
+                                    block_size=32))
+    evaluation = [r for r in log_rows(tmp_path / "out") if r.get("event") == "eval"][-1]
+    assert math.isfinite(evaluation["val_ce"])
+    assert result["model"].config.vocab_size == (13 if kind == "arithmetic" else 50304)
+    assert ("val_ood_answer_ce" in evaluation) == (kind == "arithmetic")
+    assert ("val_answer_ce_in_context" in evaluation) == (kind == "arithmetic")  # val examples fit block_size / 2
+
+
+def test_gapt_trains_and_scores_answers_on_the_author_format(tmp_path):
+    prepare(tmp_path, "arithmetic", "--format", "author", "--n_train", "500", "--n_val", "30")
+    settings = dict(dataset="arithmetic", data_dir=tmp_path / "data", out_dir=tmp_path / "out", n_layer=3, n_head=2,
+                    n_embd=16, block_size=64, patch_size=8, batch_size=4, gradient_accumulation_steps=1,
+                    mbe_skip_first=1, mbe_skip_last=1, max_iters=2, warmup_iters=1, lr_decay_iters=2,
+                    eval_interval=2, eval_iters=1, log_interval=1, align_interval=0, answer_eval_examples=30,
+                    compile=False, device="cpu")
+    result = gapt.train(gapt.load_config([f"--{k}={v}" for k, v in settings.items()]))
+    evaluation = [r for r in log_rows(tmp_path / "out") if r.get("event") == "eval"][-1]
+    assert result["model"].config.vocab_size == 15
+    assert all(math.isfinite(evaluation[f"{s}_answer_ce"]) for s in ["val", "val_ood"])
+
+
+def test_the_pydocs_config_trains_on_a_corpus_of_documents_prepared_by_prepare_data(tmp_path):
+    """config/pydocs.py (the paper's ~2.3-epoch text regime) on a small local corpus of one document
+    per file, prepared as its header says: it trains, evaluates the all-block MBE and measures the
+    alignment, with the gate's patience at 7% of the run and the cosine decay ending with it."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    for i in range(20):  # 20 documents of a few thousand tokens: every 10th goes to val
+        (docs / f"doc{i:02d}.rst.txt").write_text(text[i * 2000:(i + 1) * 2000 + 4000] + f"\n\ndocument {i}\n")
+    prepare_data.main(["text", f"--files={docs}/*.rst.txt", "--dataset=pydocs", "--sample_by=document",
+                       f"--data_dir={tmp_path / 'data'}"])
+    meta = json.loads((tmp_path / "data" / "pydocs" / "meta.json").read_text())
+    assert meta["tokens"]["val"] > 0 and meta["tokens"]["train"] > 4 * meta["tokens"]["val"]
+    cfg = gapt.load_config([os.path.join(HERE, "config", "pydocs.py"), f"--data_dir={tmp_path / 'data'}",
+                            f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
+                            "--align_interval=1", "--log_interval=1", "--mode=gapt", "--threads=1",
+                            "--batch_size=2"])  # the config's model, a smaller batch: seconds, not a minute
+    full = gapt.load_config([os.path.join(HERE, "config", "pydocs.py")])
+    assert full.lr_decay_iters == full.max_iters and 0 < full.warmup_iters < full.max_iters // 10
+    assert full.patience_mem == full.patience_comp == round(0.07 * full.max_iters)
+    gapt.train(cfg)
+    rows = log_rows(tmp_path / "out")
+    final = [r for r in rows if r.get("event") == "eval"][-1]
+    assert final["iter"] == 2 and math.isfinite(final["val_ce"]) and len(final["val_mbe_blocks"]) == cfg.n_layer
+    assert 0 < final["val_mbe_all"] <= math.log(cfg.patch_size) + 1e-4
+    assert [r["iter"] for r in rows if "align_cos" in r] == [0, 1]
+
+
 # -----------------------------------------------------------------------------
-# DDP on CPU with gloo: what torchrun --nproc_per_node=8 and the multi-node commands rely on
+# Config: defaults, config files, --key=value overrides, and what each key must be
 # -----------------------------------------------------------------------------
+@pytest.mark.parametrize("script, defaults", [("gapt.py", gapt.DEFAULTS), ("sample.py", sample.SAMPLE_DEFAULTS)])
+def test_help_lists_every_key_with_its_default_and_its_comment(script, defaults):
+    done = run_program([sys.executable, os.path.join(HERE, script), "--help"], timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.strip().startswith("--")}
+    assert set(lines) == {f"--{key}={default!r}" for key, default in defaults.items()}
+    assert all(len(line.split()) > 1 for line in lines.values())  # every key has its one-line comment
+
+
+def test_config_files_set_values_and_command_line_overrides_win(tmp_path):
+    config_file = tmp_path / "small.py"
+    config_file.write_text("n_layer = 6\nlearning_rate = 1e-3\nmode = 'iblm'\n")
+    cfg = gapt.load_config([str(config_file), "--mode=baseline", "--compile=False"])
+    assert (cfg["n_layer"], cfg["learning_rate"], cfg["mode"], cfg["compile"]) == (6, 1e-3, "baseline", False)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--colour=blue", "unknown config key 'colour'"),
+    ("--n_layer=2.5", "n_layer must be int"),
+    ("--block_size=18", "multiple of patch_size"),
+    ("--dataset=missing", "python prepare_data.py text"),
+    ("--mode=sometimes", "mode must be one of"),
+    ("--comp_end=never", "comp_end must be one of plateau, patience"),
+    ("--learning_rate=-1e-3", "learning_rate must be positive"),
+    ("--dropout=1.0", "dropout must be in [0, 1)"),
+    ("--beta1=2", "beta1 must be in [0, 1)"),
+    ("--align_interval=-1", "align_interval must be >= 0"),
+    ("--out_dir=", "out_dir must be a non-empty path"),
+    ("--device=foo", "device must be 'auto', 'cpu', 'cuda'"),
+    pytest.param("--device=cuda", "this torch has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is there")),
+])
+def test_bad_input_exits_nonzero_with_a_clear_message_and_writes_nothing(tmp_path, data, override, message):
+    assert message in stops(lambda: gapt.train(gapt.load_config([*tiny_args(tmp_path), override])))
+    assert not (tmp_path / "out").exists()
+
+
+
+# ---- as the user runs it: one line on stderr, a non-zero exit ----
+
+def test_a_config_file_that_does_not_run_is_a_one_line_error(tmp_path, data):
+    config = tmp_path / "broken.py"
+    config.write_text("batch_size = (8\n")
+    done = run_gapt(str(config), *tiny_args(tmp_path))
+    assert done.returncode != 0 and "could not be read (SyntaxError" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# Processes and threads; DDP on CPU with gloo, as torchrun --nproc_per_node=8 and multi-node runs use it
+# -----------------------------------------------------------------------------
+@pytest.mark.parametrize("threads, env, expected", [
+    (0, {}, max(1, (os.cpu_count() or 1) - 1)),  # auto: the cores but one
+    (0, {"LOCAL_WORLD_SIZE": "8"}, max(1, ((os.cpu_count() or 1) - 1) // 8)),  # shared by torchrun's processes
+    (0, {"OMP_NUM_THREADS": "3"}, "unchanged"),  # the user's (or torchrun's) choice wins
+    (2, {"OMP_NUM_THREADS": "3"}, 2)])  # an explicit --threads wins over everything
+def test_threads_default_to_the_cores_but_one_and_an_explicit_choice_wins(monkeypatch, threads, env, expected):
+    before = torch.get_num_threads()
+    for key in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    torch.set_num_threads(5)
+    try:
+        gapt.set_threads(threads)
+        assert torch.get_num_threads() == (5 if expected == "unchanged" else expected)
+    finally:
+        torch.set_num_threads(before)
+
+
 DDP_SCRIPT = f"""
 import os, sys, torch
 sys.path.insert(0, {HERE!r})
@@ -782,47 +903,38 @@ def test_killing_one_ddp_rank_ends_the_job_and_its_last_checkpoint_resumes(tmp_p
 
 
 # -----------------------------------------------------------------------------
-# Bad input: a clear error, a non-zero exit, nothing written
+# Checkpoints and resume
 # -----------------------------------------------------------------------------
-@pytest.mark.parametrize("script, defaults", [("gapt.py", gapt.DEFAULTS), ("sample.py", sample.SAMPLE_DEFAULTS)])
-def test_help_lists_every_key_with_its_default_and_its_comment(script, defaults):
-    done = run_program([sys.executable, os.path.join(HERE, script), "--help"], timeout=120)
-    assert done.returncode == 0, done.stderr
-    lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.strip().startswith("--")}
-    assert set(lines) == {f"--{key}={default!r}" for key, default in defaults.items()}
-    assert all(len(line.split()) > 1 for line in lines.values())  # every key has its one-line comment
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, data):
+    settings = dict(mode="gapt", dropout=0.1, patience_mem=1, patience_comp=2, delta_ce=0.5, delta_mbe=0.5)
+    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "straight", **settings))
+    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "halves", max_iters=3, **settings))
+    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "halves", init_from="resume", **settings))
+    straight, halves = step_rows(tmp_path / "straight"), step_rows(tmp_path / "halves")
+    assert [(r["iter"], r["ce"], r["mbe"], r["phase"]) for r in straight] == \
+           [(r["iter"], r["ce"], r["mbe"], r["phase"]) for r in halves]
+    a, b = load_ckpt(tmp_path / "straight"), load_ckpt(tmp_path / "halves")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["gapt"] == b["gapt"]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--colour=blue", "unknown config key 'colour'"),
-    ("--n_layer=2.5", "n_layer must be int"),
-    ("--block_size=18", "multiple of patch_size"),
-    ("--dataset=missing", "python prepare_data.py text"),
-    ("--mode=sometimes", "mode must be one of"),
-    ("--comp_end=never", "comp_end must be one of plateau, patience"),
-    ("--learning_rate=-1e-3", "learning_rate must be positive"),
-    ("--dropout=1.0", "dropout must be in [0, 1)"),
-    ("--beta1=2", "beta1 must be in [0, 1)"),
-    ("--align_interval=-1", "align_interval must be >= 0"),
-    ("--out_dir=", "out_dir must be a non-empty path"),
-    ("--device=foo", "device must be 'auto', 'cpu', 'cuda'"),
-    pytest.param("--device=cuda", "this torch has no CUDA device",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is there")),
-])
-def test_bad_input_exits_nonzero_with_a_clear_message_and_writes_nothing(tmp_path, data, override, message):
-    out_dir = tmp_path / "out"
-    done = run_gapt(*tiny_args(tmp_path), override)
-    assert done.returncode != 0
-    assert message in done.stderr
-    assert not out_dir.exists()
+def test_a_run_resumed_just_before_a_phase_change_logs_it_and_reports_as_the_straight_run(tmp_path, data):
+    settings = dict(mode="gapt", patience_mem=1, patience_comp=2, delta_ce=0.5, delta_mbe=0.5, eval_interval=1)
+    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "straight", **settings))
+    changes = lambda out_dir: [r for r in log_rows(out_dir) if r.get("event") == "phase_change"]
+    first = changes(tmp_path / "straight")[0]["iter"]  # the step whose phase differs from the one before
+    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "halves", max_iters=first - 1, **settings))
+    gapt.train(tiny_config(tmp_path, out_dir=tmp_path / "halves", init_from="resume", **settings))
+    assert changes(tmp_path / "halves") == changes(tmp_path / "straight")
+    assert report.summarize_runs([str(tmp_path / "halves")]) == report.summarize_runs([str(tmp_path / "straight")])
 
 
-def test_data_without_meta_json_holding_ids_beyond_vocab_size_is_refused_naming_the_size_needed(tmp_path, data):
-    os.remove(os.path.join(data, "meta.json"))
-    with pytest.raises(SystemExit, match="no meta.json and holds token id 31, beyond vocab_size 16: set --vocab_size=32"):
-        gapt.train(tiny_config(tmp_path, vocab_size=16))
-    assert not os.path.exists(tmp_path / "out")
-    gapt.train(tiny_config(tmp_path, vocab_size=32, max_iters=1))
+def test_resume_takes_the_architecture_from_the_checkpoint_before_checking_the_data(tmp_path, data):
+    gapt.train(tiny_config(tmp_path, max_iters=2))
+    # a block_size longer than the 4,000-token val split would be refused, were it the run's
+    gapt.train(tiny_config(tmp_path, init_from="resume", block_size=8192))
+    assert load_ckpt(tmp_path / "out")["config"]["block_size"] == TINY["block_size"]
+    assert [r["iter"] for r in step_rows(tmp_path / "out")][-1] == TINY["max_iters"]
 
 
 def test_resuming_with_other_settings_names_each_change_in_one_line(tmp_path, data, capsys):
@@ -832,6 +944,147 @@ def test_resuming_with_other_settings_names_each_change_in_one_line(tmp_path, da
     line = next(l for l in capsys.readouterr().out.splitlines() if "changed since the checkpoint" in l)
     assert "resuming at iter 3" in line and "mode 'gapt' -> 'iblm'" in line and "mbe_weight 1.0 -> 0.5" in line
     assert "max_iters 3 -> 6" in line and "init_from" not in line
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    gapt.save_checkpoint(path, dict(iter_num=1, w=torch.ones(3)))
+
+    def crash_mid_write(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        gapt.save_checkpoint(path, dict(iter_num=2, w=torch.zeros(3)))
+    assert torch.load(path, weights_only=True)["iter_num"] == 1
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    gapt.save_checkpoint(path, dict(step=1))
+
+    def full_disk(obj, f):
+        open(f, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gapt.torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        gapt.save_checkpoint(path, dict(step=2))
+    assert not os.path.exists(path + ".tmp")
+    assert torch.load(path, weights_only=True) == dict(step=1)
+
+
+def test_a_checkpoint_file_left_half_written_by_a_killed_run_is_removed_when_it_resumes(tmp_path, data):
+    gapt.train(tiny_config(tmp_path, max_iters=3))
+    (tmp_path / "out" / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
+    gapt.train(tiny_config(tmp_path, init_from="resume"))
+    assert not (tmp_path / "out" / "ckpt.pt.tmp").exists()
+
+
+def test_best_pt_keeps_the_checkpoint_with_the_lowest_validation_ce(tmp_path, data):
+    # a learning rate that rises to 1.0 by the end: validation CE wanders up and the last step is not the best
+    gapt.train(tiny_config(tmp_path, max_iters=9, lr_decay_iters=9, warmup_iters=9, eval_interval=1, learning_rate=1.0))
+    evals = [r for r in log_rows(tmp_path / "out") if r.get("event") == "eval"]
+    best_row = min(evals, key=lambda r: r["val_ce"])
+    assert best_row["iter"] < 9
+    best = torch.load(tmp_path / "out" / "best.pt", weights_only=True)
+    assert best["iter_num"] == best_row["iter"] and best["best_val_loss"] == best_row["val_ce"]
+    assert load_ckpt(tmp_path / "out")["iter_num"] == 9
+
+
+def test_best_pt_is_a_hard_link_to_ckpt_pt_while_the_latest_checkpoint_is_the_best(tmp_path, data):
+    gapt.train(tiny_config(tmp_path, max_iters=2, eval_interval=1))  # validation CE falls at the first steps
+    out = tmp_path / "out"
+    assert os.stat(out / "best.pt").st_ino == os.stat(out / "ckpt.pt").st_ino  # no second copy on disk
+
+
+def test_a_full_disk_while_keeping_best_pt_leaves_no_partial_file_and_the_suggested_resume_works(
+        tmp_path, data, monkeypatch):
+    def full_disk(src, dst):
+        open(dst, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gapt.os, "link", full_disk)  # where hard links are refused, best.pt is copied
+    monkeypatch.setattr(gapt.shutil, "copyfile", full_disk)
+    with pytest.raises(SystemExit, match="No space left on device.*resume with --init_from=resume"):
+        gapt.train(tiny_config(tmp_path))
+    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.jsonl"]
+    monkeypatch.undo()
+    gapt.train(tiny_config(tmp_path, init_from="resume"))
+    assert load_ckpt(tmp_path / "out")["iter_num"] == TINY["max_iters"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty", "not a readable checkpoint"), ("garbage", "not a readable checkpoint"),
+    ("truncated", "not a readable checkpoint"), ("foreign", "not a gapt.py checkpoint"),
+])
+def test_a_damaged_or_foreign_checkpoint_is_a_one_line_error(tmp_path, data, damage, message):
+    gapt.train(tiny_config(tmp_path, max_iters=2))
+    path = tmp_path / "out" / "ckpt.pt"
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(1000))
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:2000])
+    else:
+        torch.save(dict(weights=torch.zeros(3)), path)
+    assert message in stops(gapt.train, tiny_config(tmp_path, init_from="resume", max_iters=4))
+
+
+def test_a_checkpoint_whose_weights_disagree_with_its_config_is_a_one_line_error(tmp_path, data):
+    gapt.train(tiny_config(tmp_path, max_iters=2))
+    checkpoint = load_ckpt(tmp_path / "out")
+    checkpoint["config"]["n_layer"] = 4  # a block the weights do not have
+    torch.save(checkpoint, tmp_path / "out" / "ckpt.pt")
+    assert "weights do not fit" in stops(gapt.train, tiny_config(tmp_path, init_from="resume", max_iters=4))
+    assert "weights do not fit" in stops(sample.main, [f"--out_dir={tmp_path / 'out'}"])
+
+
+def test_resuming_onto_a_dataset_with_another_vocabulary_is_refused(tmp_path, data):
+    gapt.train(tiny_config(tmp_path, max_iters=2))
+    write_dataset(str(tmp_path / "data"), name="other", vocab_size=14)
+    message = stops(gapt.train, tiny_config(tmp_path, init_from="resume", dataset="other", max_iters=4))
+    assert "trained on another dataset" in message
+    assert load_ckpt(tmp_path / "out")["iter_num"] == 2
+
+
+def test_ctrl_c_ends_in_one_line_that_says_how_to_resume(tmp_path, data):
+    args = tiny_args(tmp_path, max_iters=100000, lr_decay_iters=100000, eval_interval=2)
+    # Ctrl-C as in a terminal: a suite started in the background (`pytest &`) passes SIGINT on ignored,
+    # and Python then never turns it into KeyboardInterrupt, so gapt.py starts with it restored
+    as_in_a_terminal = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    with launched([sys.executable, "-c", as_in_a_terminal, os.path.join(HERE, "gapt.py"), *args]) as (process,):
+        deadline = time.time() + 120
+        while not (tmp_path / "out" / "ckpt.pt").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode != 0 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith("run the same command with --init_from=resume to continue from it")
+
+
+# -----------------------------------------------------------------------------
+# Data and out_dir checks: every problem stops the run before anything is written
+# -----------------------------------------------------------------------------
+def test_data_without_meta_json_holding_ids_beyond_vocab_size_is_refused_naming_the_size_needed(tmp_path, data):
+    os.remove(os.path.join(data, "meta.json"))
+    with pytest.raises(SystemExit, match="no meta.json and holds token id 31, beyond vocab_size 16: set --vocab_size=32"):
+        gapt.train(tiny_config(tmp_path, vocab_size=16))
+    assert not os.path.exists(tmp_path / "out")
+    gapt.train(tiny_config(tmp_path, vocab_size=32, max_iters=1))
+
+
+def test_a_meta_json_with_a_missing_or_mistyped_key_is_a_one_line_error(tmp_path, data):
+    meta_path = os.path.join(data, "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    with open(meta_path, "w") as f:
+        json.dump(dict(meta, vocab_size="32"), f)
+    assert "mistypes vocab_size" in stops(gapt.train, tiny_config(tmp_path))
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -872,68 +1125,12 @@ def test_arithmetic_data_with_examples_longer_than_the_context_is_refused(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("threads, env, expected", [
-    (0, {}, max(1, (os.cpu_count() or 1) - 1)),  # auto: the cores but one
-    (0, {"LOCAL_WORLD_SIZE": "8"}, max(1, ((os.cpu_count() or 1) - 1) // 8)),  # shared by torchrun's processes
-    (0, {"OMP_NUM_THREADS": "3"}, "unchanged"),  # the user's (or torchrun's) choice wins
-    (2, {"OMP_NUM_THREADS": "3"}, 2)])  # an explicit --threads wins over everything
-def test_threads_default_to_the_cores_but_one_and_an_explicit_choice_wins(monkeypatch, threads, env, expected):
-    before = torch.get_num_threads()
-    for key in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    torch.set_num_threads(5)
-    try:
-        gapt.set_threads(threads)
-        assert torch.get_num_threads() == (5 if expected == "unchanged" else expected)
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_config_files_set_values_and_command_line_overrides_win(tmp_path):
-    config_file = tmp_path / "small.py"
-    config_file.write_text("n_layer = 6\nlearning_rate = 1e-3\nmode = 'iblm'\n")
-    cfg = gapt.load_config([str(config_file), "--mode=baseline", "--compile=False"])
-    assert (cfg["n_layer"], cfg["learning_rate"], cfg["mode"], cfg["compile"]) == (6, 1e-3, "baseline", False)
-
-
 def test_a_new_run_refuses_the_out_dir_of_a_finished_run(tmp_path, data):
     gapt.train(tiny_config(tmp_path, max_iters=2))
     before = {name: (tmp_path / "out" / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
-    done = run_gapt(*tiny_args(tmp_path, max_iters=2))
-    assert done.returncode != 0 and "holds a run" in done.stderr and "--init_from=resume" in done.stderr
+    message = stops(gapt.train, tiny_config(tmp_path, max_iters=2))
+    assert "holds a run" in message and "--init_from=resume" in message
     assert before == {name: (tmp_path / "out" / name).read_bytes() for name in before}
-
-
-@pytest.mark.parametrize("damage, message", [
-    ("empty", "not a readable checkpoint"), ("garbage", "not a readable checkpoint"),
-    ("truncated", "not a readable checkpoint"), ("foreign", "not a gapt.py checkpoint"),
-])
-def test_a_damaged_or_foreign_checkpoint_is_a_one_line_error(tmp_path, data, damage, message):
-    gapt.train(tiny_config(tmp_path, max_iters=2))
-    path = tmp_path / "out" / "ckpt.pt"
-    if damage == "empty":
-        path.write_bytes(b"")
-    elif damage == "garbage":
-        path.write_bytes(os.urandom(1000))
-    elif damage == "truncated":
-        path.write_bytes(path.read_bytes()[:2000])
-    else:
-        torch.save(dict(weights=torch.zeros(3)), path)
-    done = run_gapt(*tiny_args(tmp_path, init_from="resume", max_iters=4))
-    assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
-
-
-def test_a_checkpoint_whose_weights_disagree_with_its_config_is_a_one_line_error(tmp_path, data):
-    gapt.train(tiny_config(tmp_path, max_iters=2))
-    checkpoint = load_ckpt(tmp_path / "out")
-    checkpoint["config"]["n_layer"] = 4  # a block the weights do not have
-    torch.save(checkpoint, tmp_path / "out" / "ckpt.pt")
-    for done in (run_gapt(*tiny_args(tmp_path, init_from="resume", max_iters=4)),
-                 run_program([sys.executable, os.path.join(HERE, "sample.py"), f"--out_dir={tmp_path / 'out'}"],
-                             timeout=120)):
-        assert done.returncode != 0 and "weights do not fit" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_an_out_dir_that_cannot_be_written_is_refused_before_anything_runs(tmp_path, data, monkeypatch):
@@ -950,51 +1147,9 @@ def test_an_out_dir_that_is_a_file_or_lies_under_one_is_refused_before_anything_
         gapt.train(tiny_config(tmp_path, out_dir=tmp_path / out_dir))
 
 
-def test_a_meta_json_with_a_missing_or_mistyped_key_is_a_one_line_error(tmp_path, data):
-    meta_path = os.path.join(data, "meta.json")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    with open(meta_path, "w") as f:
-        json.dump(dict(meta, vocab_size="32"), f)
-    done = run_gapt(*tiny_args(tmp_path))
-    assert done.returncode != 0 and "mistypes vocab_size" in done.stderr and "Traceback" not in done.stderr
-
-
-def test_resuming_onto_a_dataset_with_another_vocabulary_is_refused(tmp_path, data):
-    gapt.train(tiny_config(tmp_path, max_iters=2))
-    write_dataset(str(tmp_path / "data"), name="other", vocab_size=14)
-    done = run_gapt(*tiny_args(tmp_path, init_from="resume", dataset="other", max_iters=4))
-    assert done.returncode != 0 and "trained on another dataset" in done.stderr
-    assert load_ckpt(tmp_path / "out")["iter_num"] == 2
-
-
-def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error_and_leaves_no_partial_file(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    gapt.save_checkpoint(path, dict(step=1))
-
-    def full_disk(obj, f):
-        open(f, "wb").write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(gapt.torch, "save", full_disk)
-    with pytest.raises(SystemExit, match="No space left on device"):
-        gapt.save_checkpoint(path, dict(step=2))
-    assert not os.path.exists(path + ".tmp")
-    assert torch.load(path, weights_only=True) == dict(step=1)
-
-
-def test_ctrl_c_ends_in_one_line_that_says_how_to_resume(tmp_path, data):
-    args = tiny_args(tmp_path, max_iters=100000, lr_decay_iters=100000, eval_interval=2)
-    with launched([sys.executable, os.path.join(HERE, "gapt.py"), *args]) as (process,):
-        deadline = time.time() + 120
-        while not (tmp_path / "out" / "ckpt.pt").exists() and time.time() < deadline:
-            time.sleep(0.2)
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=60)
-    assert process.returncode != 0 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].endswith("run the same command with --init_from=resume to continue from it")
-
-
+# -----------------------------------------------------------------------------
+# Logging
+# -----------------------------------------------------------------------------
 def test_a_resumed_run_logs_each_step_once_even_after_a_crash_and_a_torn_line(tmp_path, data):
     out = tmp_path / "out"
     gapt.train(tiny_config(tmp_path, max_iters=3))
@@ -1006,73 +1161,1381 @@ def test_a_resumed_run_logs_each_step_once_even_after_a_crash_and_a_torn_line(tm
     assert gapt.read_log(out / "log.jsonl")[-1]["iter"] == 6  # the torn line is left out
     gapt.train(tiny_config(tmp_path, init_from="resume"))
     assert [r["iter"] for r in step_rows(out)] == [1, 2, 3, 4, 5, 6]
-    assert [r["iter"] for r in read_log(out) if r.get("event") == "eval"] == [3, 6]
+    assert [r["iter"] for r in log_rows(out) if r.get("event") == "eval"] == [3, 6]
     assert report.read_run(str(out))[0] == TINY.get("mode", gapt.DEFAULTS["mode"])
 
 
-def test_best_pt_keeps_the_checkpoint_with_the_lowest_validation_ce(tmp_path, data):
-    # a learning rate that rises to 1.0 by the end: validation CE wanders up and the last step is not the best
-    gapt.train(tiny_config(tmp_path, max_iters=9, lr_decay_iters=9, warmup_iters=9, eval_interval=1, learning_rate=1.0))
-    evals = [r for r in read_log(tmp_path / "out") if r.get("event") == "eval"]
-    best_row = min(evals, key=lambda r: r["val_ce"])
-    assert best_row["iter"] < 9
-    best = torch.load(tmp_path / "out" / "best.pt", weights_only=True)
-    assert best["iter_num"] == best_row["iter"] and best["best_val_loss"] == best_row["val_ce"]
-    assert load_ckpt(tmp_path / "out")["iter_num"] == 9
+# -----------------------------------------------------------------------------
+# Data: prepare_data.py
+# -----------------------------------------------------------------------------
+def read_bin(path):
+    return np.fromfile(path, dtype=np.uint16).tolist()
 
 
-def test_best_pt_is_a_hard_link_to_ckpt_pt_while_the_latest_checkpoint_is_the_best(tmp_path, data):
-    gapt.train(tiny_config(tmp_path, max_iters=2, eval_interval=1))  # validation CE falls at the first steps
-    out = tmp_path / "out"
-    assert os.stat(out / "best.pt").st_ino == os.stat(out / "ckpt.pt").st_ino  # no second copy on disk
+def expected_tokens(docs):
+    enc = prepare_data.tokenizer()
+    return [t for d in docs for t in enc.encode_ordinary(d) + [EOT]]
 
 
-def test_a_full_disk_while_keeping_best_pt_leaves_no_partial_file_and_the_suggested_resume_works(
-        tmp_path, data, monkeypatch):
-    def full_disk(src, dst):
-        open(dst, "wb").write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(gapt.os, "link", full_disk)  # where hard links are refused, best.pt is copied
-    monkeypatch.setattr(gapt.shutil, "copyfile", full_disk)
-    with pytest.raises(SystemExit, match="No space left on device.*resume with --init_from=resume"):
-        gapt.train(tiny_config(tmp_path))
-    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.jsonl"]
-    monkeypatch.undo()
-    gapt.train(tiny_config(tmp_path, init_from="resume"))
-    assert load_ckpt(tmp_path / "out")["iter_num"] == TINY["max_iters"]
+def split_docs(docs, val_every):
+    """The documented split rule with an unbounded --val_tokens: document i goes to val iff i % val_every == 0."""
+    return ([d for i, d in enumerate(docs) if i % val_every != 0],
+            [d for i, d in enumerate(docs) if i % val_every == 0])
 
 
-def test_a_checkpoint_file_left_half_written_by_a_killed_run_is_removed_when_it_resumes(tmp_path, data):
-    gapt.train(tiny_config(tmp_path, max_iters=3))
-    (tmp_path / "out" / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
-    gapt.train(tiny_config(tmp_path, init_from="resume"))
-    assert not (tmp_path / "out" / "ckpt.pt.tmp").exists()
+def files_under(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("program, arg", [("forgetting", "--seeds=0"), ("forgetting", "--steps=0"),
-                                          ("bench", "--steps=0"), ("bench", "--rounds=0")])
-def test_the_experiments_refuse_zero_seeds_steps_or_rounds(program, arg):
-    with pytest.raises(SystemExit, match=f"{arg[2:].split('=')[0]} must be positive"):
-        dict(forgetting=forgetting, bench=bench)[program].load_config([arg])
+# ---- tokenizer and text datasets ----
+
+def test_tiktoken_gpt2_known_answer():
+    enc = prepare_data.tokenizer()
+    assert enc.encode_ordinary("hello world") == [31373, 995]
+    assert (enc.n_vocab, enc.eot_token) == (50257, EOT)
 
 
-@pytest.mark.parametrize("program, arg, message", [
-    ("launch_check", "--steps=0", "steps must be positive"), ("launch_check", "--dtype=float16", "dtype must be one of"),
-    ("threads", "--toy_steps=-1", "toy_steps must be positive"),
-    ("threads", "--thread_counts=1,two", "thread_counts must be positive counts, comma-separated")])
-def test_the_checks_and_the_thread_measurement_refuse_bad_keys_before_any_work(program, arg, message):
-    module = dict(launch_check=launch_check, threads=threads)[program]
-    with pytest.raises(SystemExit, match=message):
-        gapt.parse_config([arg], module.DEFAULTS, module.RULES)
+def test_text_jsonl_tokens_decode_back_to_documents(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", DOCS[:20])
+    write_jsonl(tmp_path / "b.jsonl", DOCS[20:])
+    prepare(tmp_path, "text", "--files", str(tmp_path / "*.jsonl"), "--dataset", "docs", "--val_every", "3",
+            "--num_proc", "2")
+    out = tmp_path / "data" / "docs"
+    train_docs, val_docs = split_docs(NONEMPTY, 3)  # the empty document is skipped
+    enc = prepare_data.tokenizer()
+    for split, docs in [("train", train_docs), ("val", val_docs)]:
+        tokens = read_bin(out / f"{split}.bin")
+        assert tokens == expected_tokens(docs)
+        assert enc.decode(tokens) == "".join(d + "<|endoftext|>" for d in docs)
+        assert tokens.count(EOT) == len(docs)  # the literal "<|endoftext|>" in a document is plain text
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta == {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": EOT, "dtype": "uint16",
+                    "tokens": {"train": len(expected_tokens(train_docs)), "val": len(expected_tokens(val_docs))},
+                    "command": meta["command"]}
+    assert meta["command"].startswith("python prepare_data.py text --files ")
+    assert files_under(tmp_path / "data") == ["docs/meta.json", "docs/train.bin", "docs/val.bin"]
 
 
-def test_a_config_file_that_does_not_run_is_a_one_line_error(tmp_path, data):
-    config = tmp_path / "broken.py"
-    config.write_text("batch_size = (8\n")
-    done = run_gapt(str(config), *tiny_args(tmp_path))
-    assert done.returncode != 0 and "could not be read (SyntaxError" in done.stderr
-    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+def test_text_parquet_tokens_decode_back_to_documents(tmp_path):
+    pq.write_table(pa.table({"content": DOCS, "n": list(range(len(DOCS)))}), tmp_path / "docs.parquet")
+    prepare(tmp_path, "text", "--files", str(tmp_path / "docs.parquet"), "--dataset", "pq",
+            "--text_column", "content", "--val_every", "4", "--num_proc", "1")
+    train_docs, val_docs = split_docs(NONEMPTY, 4)
+    assert read_bin(tmp_path / "data/pq/train.bin") == expected_tokens(train_docs)
+    assert read_bin(tmp_path / "data/pq/val.bin") == expected_tokens(val_docs)
+
+
+def test_text_txt_paragraphs_are_documents(tmp_path):
+    paragraphs = ["First Citizen:\nBefore we proceed any further, hear me speak.", "All:\nSpeak, speak.",
+                  "First Citizen:\nYou are all resolved rather to die than to famish?", "All:\nResolved."]
+    (tmp_path / "play.txt").write_text("\n\n".join(paragraphs) + "\n")
+    prepare(tmp_path, "text", "--files", str(tmp_path / "play.txt"), "--dataset", "play", "--val_every", "2")
+    enc = prepare_data.tokenizer()
+    train, val = read_bin(tmp_path / "data/play/train.bin"), read_bin(tmp_path / "data/play/val.bin")
+    # paragraphs 0 and 2 go to val; the file's final newline stays with the last paragraph
+    assert enc.decode(val) == f"{paragraphs[0]}<|endoftext|>{paragraphs[2]}<|endoftext|>"
+    assert enc.decode(train) == f"{paragraphs[1]}<|endoftext|>{paragraphs[3]}\n<|endoftext|>"
+
+
+def test_text_txt_sample_by_document_makes_each_file_a_document(tmp_path):
+    for i in range(4):
+        (tmp_path / f"book{i}.txt").write_text(f"Book {i}.\n\nIts second paragraph.\n")
+    prepare(tmp_path, "text", "--files", str(tmp_path / "book*.txt"), "--dataset", "books", "--val_every", "2",
+            "--sample_by", "document")
+    enc = prepare_data.tokenizer()
+    assert enc.decode(read_bin(tmp_path / "data/books/val.bin")) == "".join(
+        f"Book {i}.\n\nIts second paragraph.\n<|endoftext|>" for i in (0, 2))
+
+
+def test_max_tokens_is_honoured_and_keeps_a_prefix_of_the_full_run(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", DOCS)
+    common = ["text", "--files", str(tmp_path / "d.jsonl"), "--val_every", "5", "--val_tokens", "100"]
+    prepare(tmp_path, *common, "--dataset", "full")
+    prepare(tmp_path, *common, "--dataset", "cut", "--max_tokens", "333")
+    meta = json.loads((tmp_path / "data/cut/meta.json").read_text())
+    assert meta["tokens"]["train"] + meta["tokens"]["val"] == 333
+    for split in ["train", "val"]:
+        cut, full = read_bin(tmp_path / f"data/cut/{split}.bin"), read_bin(tmp_path / f"data/full/{split}.bin")
+        assert len(cut) == meta["tokens"][split] and cut == full[:len(cut)]
+
+
+def test_split_is_by_whole_documents_until_val_tokens_and_deterministic(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", DOCS)
+    args = ["text", "--files", str(tmp_path / "d.jsonl"), "--dataset", "d", "--val_every", "2", "--val_tokens", "50"]
+    prepare(tmp_path, *args)
+    first = {s: (tmp_path / f"data/d/{s}.bin").read_bytes() for s in ["train", "val"]}
+    # val takes documents 0, 2, 4, ... whole, and stops taking them once it holds 50 tokens
+    val_docs, n = [], 0
+    for d in NONEMPTY[::2]:
+        if n >= 50:
+            break
+        val_docs.append(d)
+        n += len(expected_tokens([d]))
+    assert read_bin(tmp_path / "data/d/val.bin") == expected_tokens(val_docs)
+    assert read_bin(tmp_path / "data/d/train.bin") == expected_tokens([d for d in NONEMPTY if d not in val_docs])
+    prepare(tmp_path, *args)  # re-running the same command is safe and gives the same bytes
+    assert {s: (tmp_path / f"data/d/{s}.bin").read_bytes() for s in ["train", "val"]} == first
+
+
+def test_spawned_worker_processes_tokenize_the_same(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", DOCS)
+    script = (f"import multiprocessing, sys; sys.path.insert(0, {HERE!r}); import prepare_data; "
+              f"multiprocessing.set_start_method('spawn'); prepare_data.main(['text', '--files', "
+              f"{str(tmp_path / 'd.jsonl')!r}, '--dataset', 'd', '--num_proc', '2', '--data_dir', {str(tmp_path / 'data')!r}])")
+    done = run_program([sys.executable, "-c", script], timeout=120)
+    assert done.returncode == 0, done.stderr
+    train_docs, _ = split_docs(NONEMPTY, 10)
+    assert read_bin(tmp_path / "data/d/train.bin") == expected_tokens(train_docs)
+
+
+# ---- bad inputs: a one-line error, a non-zero exit, nothing half-written ----
+
+def assert_fails(tmp_path, message, *args):
+    with pytest.raises(SystemExit) as e:
+        prepare(tmp_path, *args)
+    assert re.fullmatch(r"\S+\.py: [^\n]+", str(e.value)) and message in str(e.value)  # one line, the program's name first
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin1.txt", b"caf\xe9 au lait\n\nmore text\n", "must be UTF-8"),
+    ("broken.jsonl", b'{"text": "fine"}\n{"text": broken\n', "every .jsonl line one JSON object"),
+    ("folder", None, "got the folder"),
+])
+def test_unreadable_input_files_are_one_line_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+        (path / "a.txt").write_text("text")
+    else:
+        path.write_bytes(content)
+    assert_fails(tmp_path, message, "text", "--files", str(path), "--dataset", "x")
+
+
+def test_an_input_error_in_the_middle_of_the_stream_comes_back_and_leaves_no_files(tmp_path):
+    def texts():  # read by the pool's feeder thread, as a large file is
+        yield from ["some text"] * 600
+        raise prepare_data.InputError("cannot read the input")
+
+    args = prepare_data.build_parser().parse_args(["text", "--files", "x.txt", "--dataset", "d"])
+    with pytest.raises(prepare_data.InputError):
+        prepare_data.prepare_text(texts(), args, str(tmp_path / "d"), "python prepare_data.py text")
+    assert list(tmp_path.rglob("*.bin*")) == []
+
+
+def test_no_matching_files_is_an_error(tmp_path):
+    assert_fails(tmp_path, "no files match", "text", "--files", str(tmp_path / "nothing*.jsonl"), "--dataset", "x")
+
+
+def test_missing_text_column_is_an_error(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", DOCS, column="body")
+    assert_fails(tmp_path, "no column 'text'", "text", "--files", str(tmp_path / "d.jsonl"), "--dataset", "x")
+
+
+def test_token_ids_beyond_uint16_are_refused(tmp_path, monkeypatch):
+    class BigTokenizer:  # like cl100k_base: its ids do not fit the uint16 .bin format
+        n_vocab = 100_277
+    monkeypatch.setattr(prepare_data, "tokenizer", BigTokenizer)
+    write_jsonl(tmp_path / "d.jsonl", DOCS)
+    assert_fails(tmp_path, "do not fit the uint16", "text", "--files", str(tmp_path / "d.jsonl"), "--dataset", "x")
+
+
+def test_max_tokens_below_val_tokens_is_an_error(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", DOCS)
+    assert_fails(tmp_path, "smaller than the validation slice", "text", "--files", str(tmp_path / "d.jsonl"),
+                 "--dataset", "x", "--max_tokens", "100", "--val_tokens", "200")
+
+
+def test_failure_while_writing_keeps_the_previous_files_and_leaves_no_temp(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "d.jsonl", DOCS)
+    args = ["text", "--files", str(tmp_path / "d.jsonl"), "--dataset", "d"]
+    prepare(tmp_path, *args)
+    before = {name: (tmp_path / "data/d" / name).read_bytes() for name in ["train.bin", "val.bin", "meta.json"]}
+
+    def texts_then_crash(ds, column):
+        yield from NONEMPTY[:30]
+        raise RuntimeError("connection lost mid-stream")
+    monkeypatch.setattr(prepare_data, "document_texts", texts_then_crash)
+    with pytest.raises(RuntimeError, match="mid-stream"):
+        prepare(tmp_path, *args, "--num_proc", "1")
+    assert files_under(tmp_path / "data") == ["d/meta.json", "d/train.bin", "d/val.bin"]
+    assert {name: (tmp_path / "data/d" / name).read_bytes() for name in before} == before
+
+
+def test_single_document_leaves_train_empty_and_writes_nothing(tmp_path):
+    (tmp_path / "one.txt").write_text("just one paragraph\n")
+    with pytest.raises(SystemExit, match="train split is empty"):
+        prepare(tmp_path, "text", "--files", str(tmp_path / "one.txt"), "--dataset", "one")
+    assert files_under(tmp_path / "data") == []
+
+
+def cli(tmp_path, *args, **env):
+    return run_program([sys.executable, os.path.join(HERE, "prepare_data.py"), *args], timeout=60, cwd=tmp_path,
+                       env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["offline_mode", "connection_refused"])
+def test_hub_unreachable_fails_fast_and_says_how_to_use_local_files(tmp_path, env):
+    start = time.time()
+    result = cli(tmp_path, "fineweb", "--max_tokens", "1000", "--val_tokens", "100", **env)
+    assert result.returncode != 0 and time.time() - start < 30
+    assert "cannot reach 'HuggingFaceFW/fineweb'" in result.stderr
+    assert "prepare_data.py text --files" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+# ---- arithmetic ----
+
+SPLITS = ["train", "val", "val_ood", "test_ood"]  # the files prepare_data.py arithmetic writes
+
+
+def arithmetic_lines(out, split):
+    chars = json.loads((out / "meta.json").read_text())["tokenizer"]
+    text = "".join(chars[i] for i in read_bin(out / f"{split}.bin"))
+    assert text.endswith("\n")
+    return text[:-1].split("\n")
+
+
+@pytest.fixture(scope="module")
+def arithmetic(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("arith")
+    prepare(tmp_path, "arithmetic", "--n_train", "20000", "--n_val", "2000", "--seed", "3")
+    return tmp_path / "data/arithmetic"
+
+
+def test_arithmetic_every_line_is_a_correct_product_with_the_split_digit_ranges(arithmetic):
+    for split, (lo, hi), n in [("train", (1, 3), 20000), ("val", (1, 3), 2000), ("val_ood", (4, 6), 2000),
+                               ("test_ood", (4, 6), 2000)]:
+        lines = arithmetic_lines(arithmetic, split)
+        assert len(lines) == n
+        operands = []
+        for line in lines:
+            prompt, c = line.split("=")
+            a, b = prompt.split("*")
+            assert int(c) == int(a) * int(b) and str(int(c)) == c
+            assert str(int(a)) == a and str(int(b)) == b  # plain decimal, no leading zeros
+            operands += [a, b]
+        digit_share = np.bincount([len(x) for x in operands], minlength=hi + 1)[lo:] / len(operands)
+        assert np.all(digit_share > 0.1)
+        if split != "train":  # train is skewed on purpose: it never shows a val example, e.g. any 1-digit * 1-digit
+            # the digit count is drawn uniformly first (uniform numbers would make nearly all of them hi digits)
+            assert np.allclose(digit_share, 1 / (hi - lo + 1), atol=0.03)
+    assert "0" in operands_of(arithmetic, "train")  # 0 is one of the ten 1-digit numbers
+
+
+def operands_of(out, split):
+    return {x for line in arithmetic_lines(out, split) for x in line.split("=")[0].split("*")}
+
+
+def test_arithmetic_heldout_examples_never_appear_in_train(arithmetic):
+    train = set(arithmetic_lines(arithmetic, "train"))
+    assert not train & set(arithmetic_lines(arithmetic, "val"))
+    assert not train & set(arithmetic_lines(arithmetic, "val_ood"))
+    assert not set(arithmetic_lines(arithmetic, "test_ood")) & set(arithmetic_lines(arithmetic, "val_ood"))
+
+
+def test_arithmetic_meta_matches_the_files(arithmetic):
+    meta = json.loads((arithmetic / "meta.json").read_text())
+    assert meta["tokenizer"] == list("0123456789*=\n") and meta["vocab_size"] == 13 and meta["eot_token"] == 12
+    assert meta["dtype"] == "uint16"
+    assert meta["tokens"] == {s: os.path.getsize(arithmetic / f"{s}.bin") // 2 for s in SPLITS}
+    assert meta["command"].startswith("python prepare_data.py arithmetic --n_train 20000")
+
+
+def test_arithmetic_same_seed_gives_identical_files(tmp_path, arithmetic):
+    prepare(tmp_path / "same", "arithmetic", "--n_train", "20000", "--n_val", "2000", "--seed", "3")
+    prepare(tmp_path / "other", "arithmetic", "--n_train", "20000", "--n_val", "2000", "--seed", "4")
+    for split in SPLITS:
+        same = (tmp_path / f"same/data/arithmetic/{split}.bin").read_bytes()
+        assert same == (arithmetic / f"{split}.bin").read_bytes()
+        assert same != (tmp_path / f"other/data/arithmetic/{split}.bin").read_bytes()
+
+
+def test_examples_are_scored_after_the_end_of_example_token_that_precedes_them_in_training():
+    tokens = np.array(encode_chars("2*3=6\n12*34=408\n"), dtype=np.uint16)
+    assert prepare_data.split_examples(tokens, ARITH_EOT) == [encode_chars("\n2*3=6\n"), encode_chars("\n12*34=408\n")]
+
+
+# ---- the author's arithmetic data: prepare_data.py arithmetic --format author ----
+
+EXAMPLE = re.compile(r"<bos>(\d+) x (\d+) = (\d+)<eos>")
+
+
+def decode(out, split):
+    tokens = json.loads((out / "meta.json").read_text())["tokenizer"]
+    return "".join(tokens[i] for i in np.fromfile(out / f"{split}.bin", dtype=np.uint16))
+
+
+def examples(out, split):
+    """[(a, b, c)] as strings, after checking that the split is nothing but whole examples."""
+    text = decode(out, split)
+    found = EXAMPLE.findall(text)
+    assert "".join(f"<bos>{a} x {b} = {c}<eos>" for a, b, c in found) == text
+    return found
+
+
+@pytest.fixture(scope="module")
+def author(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("author")
+    prepare(tmp_path, "arithmetic", "--format", "author", "--n_train", "20000", "--n_val", "2000", "--seed", "3")
+    return tmp_path / "data/arithmetic"
+
+
+def test_author_format_writes_bos_a_x_b_eq_c_eos_with_the_true_product_and_the_authors_ids(author):
+    for split, n in [("train", 20000), ("val", 2000), ("val_ood", 2000), ("test_ood", 2000)]:
+        found = examples(author, split)
+        assert len(found) == n
+        for a, b, c in found:
+            assert int(c) == int(a) * int(b)
+            assert str(int(a)) == a and str(int(b)) == b and str(int(c)) == c  # no leading zeros
+    first = "<bos>{} x {} = {}<eos>".format(*examples(author, "train")[0])
+    ids = [AUTHOR_TOKENS.index(t) for t in re.findall(r"<bos>|<eos>|.", first)]  # their encode_multiplication
+    assert np.fromfile(author / "train.bin", dtype=np.uint16)[:len(ids)].tolist() == ids
+
+
+def test_author_operands_have_1_to_3_digits_uniformly_4_to_6_in_val_ood_and_no_zero(author):
+    for split, (lo, hi) in [("train", (1, 3)), ("val", (1, 3)), ("val_ood", (4, 6)), ("test_ood", (4, 6))]:
+        operands = [x for a, b, _ in examples(author, split) for x in (a, b)]
+        digit_share = np.bincount([len(x) for x in operands], minlength=hi + 1)[lo:] / len(operands)
+        assert len(digit_share) == hi - lo + 1 and np.allclose(digit_share, 1 / 3, atol=0.03)  # train too
+    one_digit = {x for a, b, _ in examples(author, "train") for x in (a, b) if len(x) == 1}
+    assert one_digit == set("123456789")  # their randint(10**0, 9): 0 is never drawn
+
+
+def test_author_format_keeps_val_pairs_that_also_occur_in_train(author):
+    # 1-digit x 1-digit is 1/9 of the examples over only 81 pairs, so their independent draws share many;
+    # ours removes every one of them from train (test_arithmetic_heldout_examples_never_appear_in_train)
+    train, val = set(examples(author, "train")), set(examples(author, "val"))
+    assert len(train & val) > 50
+
+
+def test_author_meta_is_read_back_and_answer_sets_cut_whole_examples_after_the_previous_eos(author):
+    data_dir = str(author.parent)
+    meta = prepare_data.read_meta(data_dir, "arithmetic")
+    assert meta["tokenizer"] == AUTHOR_TOKENS and meta["vocab_size"] == 15 and meta["eot_token"] == 1
+    assert meta["tokens"] == {s: os.path.getsize(author / f"{s}.bin") // 2 for s in SPLITS}
+    sets = prepare_data.answer_sets(data_dir, "arithmetic", meta, 50)
+    assert set(sets) == {"val", "val_ood", "test_ood"}
+    for split, (cut, eq) in sets.items():
+        assert eq == 3 and len(cut) == 50
+        for example, (a, b, c) in zip(cut, examples(author, split)):
+            assert example[:2] == [1, 0] and example[-1] == 1  # <eos> of the previous example, then <bos>
+            text = "".join(AUTHOR_TOKENS[i] for i in example[1:])
+            assert text == f"<bos>{a} x {b} = {c}<eos>"
+            # what gapt.answer_ce scores, the targets after '=' and before the end: the space, then c
+            assert "".join(AUTHOR_TOKENS[i] for i in example[example.index(eq) + 1:-1]) == f" {c}"
+
+
+def test_the_default_format_is_ours_and_unchanged_by_the_option(tmp_path, arithmetic):
+    prepare(tmp_path, "arithmetic", "--format", "ours", "--n_train", "20000", "--n_val", "2000", "--seed", "3")
+    for split in SPLITS:  # the fixture was written without --format
+        assert (tmp_path / f"data/arithmetic/{split}.bin").read_bytes() == (arithmetic / f"{split}.bin").read_bytes()
+    meta = json.loads((tmp_path / "data/arithmetic/meta.json").read_text())
+    assert meta["tokenizer"] == list("0123456789*=\n") and meta["vocab_size"] == 13 and meta["eot_token"] == 12
+
+
+def test_an_unknown_format_is_a_one_line_error_naming_the_choices_and_writes_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        prepare(tmp_path, "arithmetic", "--format", "authors")
+    assert stop.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(error) == 1 and "--format: invalid choice: 'authors'" in error[0] and "'author'" in error[0]
+    assert not (tmp_path / "data").exists()
+
+
+# ---- one style, one meaning per option ----
+
+def usage_error(capsys, tmp_path, *args):
+    """argparse's one error line for args (after its usage lines), once sure it exits 2 and writes nothing."""
+    with pytest.raises(SystemExit) as e:
+        prepare(tmp_path, *args)
+    assert e.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1
+    assert not (tmp_path / "data").exists()
+    return errors[0]
+
+
+EVERY_OPTION = {  # for each command, a value other than the default for each of its options
+    "fineweb": dict(hf_id="HuggingFaceFW/fineweb-edu", hf_config="sample-100BT", dataset="edu", text_column="body",
+                    max_tokens=5000, val_tokens=500, val_every=3, num_proc=3, data_dir="elsewhere"),
+    "text": dict(files=["a.txt"], dataset="books", sample_by="line", text_column="body", max_tokens=5000,
+                 val_tokens=500, val_every=3, num_proc=3, data_dir="elsewhere"),
+    "arithmetic": dict(n_train=500, n_val=30, format="author", seed=7, dataset="arith", data_dir="elsewhere"),
+}
+
+
+def test_help_documents_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as done:
+        prepare_data.main(["--help"])
+    assert done.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    defaults = {"--data_dir": "data", "--text_column": "text", "--max_tokens": None, "--val_tokens": 10_000_000,
+                "--val_every": 10, "--num_proc": os.cpu_count(), "--hf_id": "HuggingFaceFW/fineweb",
+                "--hf_config": "sample-10BT", "--dataset": "fineweb", "--sample_by": "paragraph",
+                "--n_train": 1_000_000, "--n_val": 10_000, "--seed": 0}
+    for option, default in defaults.items():
+        assert f"{option} " in help_text and f"(default: {default})" in help_text
+    assert "--files FILES [FILES ...]" in help_text
+
+
+@pytest.mark.parametrize("command", EVERY_OPTION)
+def test_every_option_of_every_command_takes_the_key_equals_value_form_as_gapt_py_does(command):
+    expected = EVERY_OPTION[command]
+    options = {f"--{key}": value[0] if isinstance(value, list) else value for key, value in expected.items()}
+    parse = prepare_data.build_parser().parse_args
+    args = vars(parse([command, *(f"{option}={value}" for option, value in options.items())]))
+    # compared whole: an option left out here (a new one) would come back with its default and fail the test
+    assert args == {"command": command, **expected}
+    assert vars(parse([command, *(str(x) for item in options.items() for x in item)])) == args  # --key value
+
+
+def test_files_repeated_in_the_key_equals_value_form_are_all_read(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", NONEMPTY[:20])
+    write_jsonl(tmp_path / "b.jsonl", NONEMPTY[20:])
+    prepare(tmp_path, "text", f"--files={tmp_path / 'a.jsonl'}", f"--files={tmp_path / 'b.jsonl'}", "--dataset=ab",
+            "--val_every=3", "--num_proc=1")
+    out = tmp_path / "data/ab"
+    assert sorted(read_bin(out / "train.bin") + read_bin(out / "val.bin")) == sorted(expected_tokens(NONEMPTY))
+
+
+def test_a_file_matched_twice_is_read_once(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", NONEMPTY)
+    path = str(tmp_path / "d.jsonl")
+    prepare(tmp_path, "text", "--files", path, str(tmp_path / "*.jsonl"), path.replace("/d.jsonl", "/./d.jsonl"),
+            "--dataset=d", "--val_every=3", "--num_proc=1")
+    tokens = json.loads((tmp_path / "data/d/meta.json").read_text())["tokens"]
+    assert tokens["train"] + tokens["val"] == len(expected_tokens(NONEMPTY))
+
+
+@pytest.mark.parametrize("args, new", [
+    (["text", "--files=a.txt", "--name=books"], "--dataset"),
+    (["text", "--files", "a.txt", "--name", "books"], "--dataset"),
+    (["fineweb", "--name=sample-10BT"], "--hf_config"),
+])
+def test_an_old_option_name_fails_in_one_line_that_names_the_new_one(tmp_path, capsys, args, new):
+    assert f"--name is now {new}" in usage_error(capsys, tmp_path, *args)
+
+
+def test_an_abbreviated_option_is_refused_as_gapt_py_refuses_it(tmp_path, capsys):
+    assert "unrecognized arguments: --n_tr=500" in usage_error(capsys, tmp_path, "arithmetic", "--n_tr=500")
+
+
+def test_help_shows_dataset_in_every_command_and_hf_config_in_fineweb_and_never_name(capsys):
+    for command in EVERY_OPTION:
+        with pytest.raises(SystemExit):
+            prepare_data.build_parser().parse_args([command, "--help"])
+        help_text = capsys.readouterr().out
+        assert "--dataset DATASET" in help_text and "--name" not in help_text
+        assert ("--hf_config HF_CONFIG" in help_text) == (command == "fineweb")
+
+
+def test_the_command_suggested_for_a_missing_text_dataset_prepares_that_dataset():
+    python, script, *args = shlex.split(prepare_data.prepare_command("books"))
+    assert (python, script) == ("python", "prepare_data.py")
+    assert prepare_data.build_parser().parse_args(args).dataset == "books"
+
+
+@pytest.mark.parametrize("option", ["--max_tokens=0", "--val_tokens=-5", "--val_every=0", "--num_proc=0",
+                                    "--max_tokens=1e9", "--n_train=0", "--n_val=ten", "--seed=-1"])
+def test_a_count_that_is_not_a_whole_number_in_range_is_refused_naming_the_option(tmp_path, capsys, option):
+    key, value = option.split("=")
+    args = ["arithmetic", option] if key in ("--n_train", "--n_val", "--seed") else \
+        ["text", "--files=a.txt", "--dataset=x", option]
+    error = usage_error(capsys, tmp_path, *args)
+    assert f"argument {key}: must be a whole number of at least" in error and repr(value) in error
+
+
+# ---- the output folder: checked before anything is read, nothing left behind ----
+
+@pytest.mark.parametrize("data_dir, dataset, file, option", [
+    ("data", "x", "data", "--data_dir"),
+    ("data/sub", "x", "data", "--data_dir"),
+    ("data", "x", "data/x", "--dataset"),
+])
+def test_an_output_folder_in_the_place_of_a_file_is_a_one_line_error(tmp_path, data_dir, dataset, file, option):
+    write_jsonl(tmp_path / "d.jsonl", NONEMPTY)
+    (tmp_path / file).parent.mkdir(exist_ok=True)
+    (tmp_path / file).write_text("a file")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit, match=f"is a file, not a folder, .*; choose another {option}$"):
+        prepare_data.main(["text", f"--files={tmp_path / 'd.jsonl'}", f"--data_dir={tmp_path / data_dir}",
+                           f"--dataset={dataset}"])
+    assert sorted(tmp_path.rglob("*")) == before and (tmp_path / file).read_text() == "a file"
+
+
+@pytest.mark.parametrize("below", ["", "new/deeper"])
+def test_a_read_only_data_dir_is_refused_before_anything_runs(tmp_path, monkeypatch, below):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    access = os.access
+    # as a read-only folder answers (chmod does not stop root)
+    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and path != str(read_only))
+    with pytest.raises(SystemExit, match="is read-only, .* cannot be written; choose another --data_dir"):
+        prepare_data.main(["arithmetic", f"--data_dir={read_only / below}"])
+    assert list(read_only.iterdir()) == []
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--dataset=a/b", "--dataset='a/b' is not a folder name"),
+    ("--dataset=..", "--dataset='..' is not a folder name"),
+    ("--dataset=", "--dataset='' is not a folder name"),
+    ("--dataset=/abs", "--dataset='/abs' is not a folder name"),
+    ("--data_dir=", "--data_dir is empty"),
+    ("--data_dir=~/data", "--data_dir=~/data starts with '~', which the shell does not expand in --key=value"),
+])
+def test_an_output_folder_other_than_one_name_in_a_plain_data_dir_is_refused(tmp_path, monkeypatch, option, message):
+    monkeypatch.chdir(tmp_path)  # where the default --data_dir, and an empty one, would write
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        prepare_data.main(["arithmetic", "--n_train=10", "--n_val=10", option])
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- the input: each problem named where it is, with its fix ----
+
+@pytest.mark.parametrize("suffix, good, bad", [
+    (".txt", b"fine\n\ntext\n", b"also fine\n\ncaf\xe9 au lait\n"),
+    (".jsonl", b'{"text": "fine"}\n', b'{"text": "fine"}\n{"text": "fine"}\n{"text": "caf\xe9"}\n'),
+])
+def test_a_file_that_is_not_utf8_is_named_with_its_line_and_how_to_convert_it(tmp_path, suffix, good, bad):
+    (tmp_path / f"a{suffix}").write_bytes(good)
+    (tmp_path / f"b{suffix}").write_bytes(bad)
+    path = re.escape(str(tmp_path / f"b{suffix}"))
+    with pytest.raises(SystemExit, match=f"{path} line 3 is not UTF-8 .* must be UTF-8. Convert it, e.g. "
+                                         f"iconv -f latin1 -t utf-8 {path} > "):
+        prepare(tmp_path, "text", f"--files={tmp_path}/*{suffix}", "--dataset=x", "--num_proc=1")
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("line", ['{"text": broken', '["a list", "not an object"]'])
+def test_a_jsonl_line_that_is_not_one_json_object_is_named_with_its_file_and_line(tmp_path, line):
+    write_jsonl(tmp_path / "a.jsonl", NONEMPTY[:3])
+    (tmp_path / "b.jsonl").write_text(f'{{"text": "fine"}}\n{line}\n')
+    assert_fails(tmp_path, f"{tmp_path / 'b.jsonl'} line 2 is not a JSON object", "text",
+                 f"--files={tmp_path}/*.jsonl", "--dataset=x", "--num_proc=1")
+
+
+@pytest.mark.parametrize("texts, row", [([5, "fine"], 1), (["fine", "fine", 5], 3), (["fine", ["a", "list"]], 2)])
+def test_a_row_whose_text_is_not_a_string_is_named_and_leaves_nothing_behind(tmp_path, texts, row):
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    kind = type(texts[row - 1]).__name__
+    assert_fails(tmp_path, f"row {row} of the input holds {kind} in column 'text', not text", "text",
+                 f"--files={tmp_path / 'd.jsonl'}", "--dataset=x", "--num_proc=1")
+
+
+def test_a_null_text_is_skipped_like_an_empty_document(tmp_path):
+    pq.write_table(pa.table({"text": ["one", None, "two", "", "three"]}), tmp_path / "d.parquet")
+    prepare(tmp_path, "text", f"--files={tmp_path / 'd.parquet'}", "--dataset=d", "--val_every=2", "--num_proc=1")
+    assert read_bin(tmp_path / "data/d/val.bin") == expected_tokens(["one", "three"])
+    assert read_bin(tmp_path / "data/d/train.bin") == expected_tokens(["two"])
+
+
+def test_an_input_of_only_empty_documents_is_an_error_naming_that(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", ["", "", ""])
+    assert_fails(tmp_path, "every document in the input is empty", "text", f"--files={tmp_path / 'd.jsonl'}",
+                 "--dataset=x", "--num_proc=1")
+
+
+def test_a_file_that_cannot_be_read_is_named(tmp_path):
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "deleted.txt")  # no read permission does not stop root
+    assert_fails(tmp_path, f"cannot read '{tmp_path / 'gone.txt'}' (a link to nothing, or no read permission)",
+                 "text", f"--files={tmp_path}/*.txt", "--dataset=x")
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path):
+    (tmp_path / "damaged.parquet").write_bytes(b"not parquet at all")
+    assert_fails(tmp_path, f"{tmp_path / 'damaged.parquet'} is not a parquet file", "text",
+                 f"--files={tmp_path / 'damaged.parquet'}", "--dataset=x")
+
+
+def test_an_empty_parquet_file_adds_no_documents_and_only_empty_ones_are_an_error(tmp_path):
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "a_empty.parquet")
+    pq.write_table(pa.table({"text": NONEMPTY}), tmp_path / "b_docs.parquet")
+    prepare(tmp_path, "text", f"--files={tmp_path}/*.parquet", "--dataset=d", "--val_every=3", "--num_proc=1")
+    tokens = json.loads((tmp_path / "data/d/meta.json").read_text())["tokens"]
+    assert tokens["train"] + tokens["val"] == len(expected_tokens(NONEMPTY))
+    empty = tmp_path / "only_empty"
+    empty.mkdir()
+    assert_fails(empty, "every parquet file in --files is empty", "text", f"--files={tmp_path / 'a_empty.parquet'}",
+                 "--dataset=x")
+
+
+def test_val_every_1_that_leaves_train_empty_names_two_fixes_and_both_work(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", NONEMPTY[:5])
+    args = ["text", f"--files={tmp_path / 'd.jsonl'}", "--val_every=1", "--num_proc=1"]
+    with pytest.raises(SystemExit) as e:
+        prepare(tmp_path, *args, "--dataset=x")
+    message = str(e.value)
+    assert "the train split is empty" in message and "--max_tokens" not in message  # the input ran out, not the cap
+    val_tokens = re.search(r"Raise --val_every, or lower --val_tokens to (\d+) or less", message).group(1)
+    for fix in (f"--val_tokens={val_tokens}", "--val_every=2"):
+        prepare(tmp_path, *args, fix, "--dataset=fixed")
+        assert read_bin(tmp_path / "data/fixed/train.bin") != []
+
+
+def test_max_tokens_used_up_by_the_first_document_says_to_raise_it(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", NONEMPTY)
+    assert_fails(tmp_path, "Raise --max_tokens: the first document used it up", "text",
+                 f"--files={tmp_path / 'd.jsonl'}", "--dataset=x", "--max_tokens=3", "--val_tokens=3", "--num_proc=1")
+
+
+def test_a_malformed_hub_id_is_named_without_touching_the_network(tmp_path):
+    assert_fails(tmp_path, "--hf_id='not a hub id' is not a Hub dataset id", "fineweb", "--hf_id=not a hub id",
+                 "--max_tokens=1000", "--val_tokens=100")
+
+
+def test_n_val_that_would_leave_train_no_pairs_to_draw_is_refused_in_our_format(tmp_path):
+    assert_fails(tmp_path, "--n_val=1000001 leaves train almost no 1-3 digit pairs", "arithmetic", "--n_val=1000001")
+
+
+# ---- as the user runs it: one line on stderr, exit status 1 ----
+
+@pytest.mark.parametrize("problem", ["data_dir is a file", "a jsonl line is broken", "the first text is a number"])
+def test_a_bad_input_prints_one_line_and_exits_1_instead_of_a_traceback(tmp_path, problem):
+    """One line and nothing else: no traceback, no second line logged by datasets, no progress bar
+    (what the first row shows is found before tokenizing starts)."""
+    write_jsonl(tmp_path / "d.jsonl", NONEMPTY[:3])
+    if problem == "data_dir is a file":
+        (tmp_path / "data").write_text("a file")
+    elif problem == "a jsonl line is broken":
+        (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    else:
+        (tmp_path / "d.jsonl").write_text('{"text": 5}\n{"text": "fine"}\n')
+    result = cli(tmp_path, "text", "--files=d.jsonl", "--dataset=x")
+    assert result.returncode == 1
+    assert re.fullmatch(r"prepare_data\.py: [^\n]+\n", result.stderr), result.stderr
+
+
+# -----------------------------------------------------------------------------
+# Arithmetic answers, the paper's OOD metric: prepare_data.answer_scores and answer_ce_in_context,
+# scored beside the format (gapt.py logs them, sample.py prints them)
+# -----------------------------------------------------------------------------
+class TableModel:
+    """all_logits(idx)[b, t] = table[idx[b, t], t]: known logits that depend only on the token and its
+    position, so the expected answer CE can be computed example by example, without any batching."""
+
+    def __init__(self, vocab_size, length, seed=0):
+        self.table = torch.randn(vocab_size, length, vocab_size, generator=torch.Generator().manual_seed(seed))
+
+    def all_logits(self, idx):
+        return self.table[idx, torch.arange(idx.size(1))]
+
+
+class CopyModel:
+    """Predicts, with certainty, the token `period` positions back (uniformly where there is none): a
+    model that can answer only by reading an earlier example of a stream of identical examples."""
+
+    def __init__(self, vocab_size, period):
+        self.vocab_size, self.period = vocab_size, period
+
+    def all_logits(self, idx):
+        logits = torch.zeros(*idx.shape, self.vocab_size)
+        logits[:, self.period - 1:] = 50.0 * F.one_hot(idx[:, :idx.size(1) - self.period + 1], self.vocab_size)
+        return logits
+
+
+class TokenModel:
+    """The same logits at every position: the CE of a target depends on the target token only."""
+
+    def __init__(self, vocab_size, seed=0):
+        self.logits = torch.randn(vocab_size, generator=torch.Generator().manual_seed(seed))
+
+    def all_logits(self, idx):
+        return self.logits.expand(*idx.shape, -1)
+
+    def ce(self, token):
+        return -F.log_softmax(self.logits, -1)[token].item()
+
+
+EXAMPLES = [encode_chars("\n" + line + "\n") for line in ("2*3=6", "9*9=81", "12*34=408", "7*0=0")]  # as split_examples gives them
+
+
+def test_answer_ce_is_the_mean_ce_over_the_answer_digits_only():
+    model = TableModel(len(ARITHMETIC_CHARS), length=16)
+    losses = []
+    for ex in EXAMPLES:  # direct computation: each answer digit j is predicted from position j - 1
+        for j in range(ex.index(ARITH_EQ) + 1, len(ex) - 1):
+            log_probs = F.log_softmax(model.table[ex[j - 1], j - 1], dim=-1)
+            losses.append(-log_probs[ex[j]].item())
+    assert len(losses) == 1 + 2 + 3 + 1  # the digits of 6, 81, 408, 0: no '=', no end-of-example token
+    expected = sum(losses) / len(losses)
+    assert prepare_data.answer_scores(model, EXAMPLES, ARITH_EQ, set(), "cpu")["answer_ce"] == pytest.approx(expected, rel=1e-5)
+    assert prepare_data.answer_scores(model, EXAMPLES, ARITH_EQ, set(), "cpu", batch_size=3)["answer_ce"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_in_context_answer_ce_lets_an_answer_be_read_from_the_examples_before_it():
+    examples = [encode_chars("\n2*3=6\n")] * 40
+    model = CopyModel(len(ARITHMETIC_CHARS), period=6)  # 6 tokens per example in the stream
+    assert prepare_data.answer_scores(model, examples, ARITH_EQ, set(), "cpu")["answer_ce"] == pytest.approx(math.log(len(ARITHMETIC_CHARS)))
+    assert prepare_data.answer_ce_in_context(model, examples, ARITH_EQ, "cpu", window=16) < 1e-6
+
+
+@pytest.mark.parametrize("window, batch_size", [(20, 64), (24, 3), (64, 1)])
+def test_in_context_answer_ce_scores_every_whole_example_once_after_the_first_half_window(window, batch_size):
+    rng = np.random.default_rng(window)
+    examples = [EXAMPLES[i] for i in rng.integers(len(EXAMPLES), size=60)]
+    model = TokenModel(len(ARITHMETIC_CHARS))
+    stream_length = 1 + sum(len(ex) - 1 for ex in examples)
+    last_window_end = (stream_length - window - 1) // (window // 2) * (window // 2) + window
+    answers, end = [], 0  # end: the stream index of each example's closing eot
+    for ex in examples:
+        end += len(ex) - 1
+        if window // 2 < end <= last_window_end:
+            answers += ex[ex.index(ARITH_EQ) + 1:-1]
+    expected = sum(model.ce(token) for token in answers) / len(answers)
+    got = prepare_data.answer_ce_in_context(model, examples, ARITH_EQ, "cpu", window=window, batch_size=batch_size)
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_in_context_answer_ce_is_nan_when_a_window_cannot_hold_two_of_the_longest_examples():
+    model = TokenModel(len(ARITHMETIC_CHARS))
+    assert math.isnan(prepare_data.answer_ce_in_context(model, EXAMPLES * 10, ARITH_EQ, "cpu", window=16))  # 12*34=408 is 10
+    assert math.isnan(prepare_data.answer_ce_in_context(model, EXAMPLES[:1], ARITH_EQ, "cpu", window=64))  # not one window
+    assert math.isfinite(prepare_data.answer_ce_in_context(model, EXAMPLES * 10, ARITH_EQ, "cpu", window=20))
+
+
+# ---- Teacher-forced scores digit by digit, against CEs computed token by token ----
+
+# products of 2, 3 and 4 digits: the first and the last digit are different digits of each
+LINES = ("9*9=81", "12*34=408", "25*40=1000")
+MULTI_DIGIT = [encode_chars("\n" + line + "\n") for line in LINES]
+PRODUCTS = [line.split("=")[1] for line in LINES]
+
+
+FORMATS = {"ours": (ARITHMETIC_CHARS, "\n{}*{}={}\n"), "author": (AUTHOR_TOKENS, "<eos><bos>{} x {} = {}<eos>")}
+
+
+def digit_ids(vocabulary):
+    return {i for i, token in enumerate(vocabulary) if token.isdigit()}
+
+
+@pytest.mark.parametrize("form", ["ours", "author"])
+@pytest.mark.parametrize("batch_size", [1, 3, 256])
+def test_digit_positions_count_from_the_leading_digit_and_from_the_last_over_the_products_that_have_them(
+        form, batch_size):
+    vocabulary, template = FORMATS[form]
+    encode, _ = sample.char_tokenizer(vocabulary)
+    products = ["6", "81", "408", "1000"]
+    examples = [encode(template.format(a, b, c)) for (a, b), c in zip([(2, 3), (9, 9), (12, 34), (25, 40)], products)]
+    model = TokenModel(len(vocabulary))  # the CE of a target depends on the target token only
+    ce = {digit: model.ce(vocabulary.index(digit)) for digit in "0123456789"}
+    scores = prepare_data.answer_scores(model, examples, vocabulary.index("="), digit_ids(vocabulary), "cpu", batch_size)
+    from_first = [statistics.fmean(ce[p[k]] for p in products if len(p) > k) for k in range(4)]
+    from_last = [statistics.fmean(ce[p[-1 - k]] for p in products if len(p) > k) for k in range(4)]
+    assert scores["answer_ce_from_first"] == pytest.approx(from_first, rel=1e-6)
+    assert scores["answer_ce_from_last"] == pytest.approx(from_last, rel=1e-6)
+    assert from_first != pytest.approx(from_last)  # the two ends tell different digits apart
+
+
+@pytest.mark.parametrize("form", ["ours", "author"])
+def test_the_end_token_is_scored_on_its_own_and_the_answer_ce_keeps_what_it_scored(form):
+    vocabulary, template = FORMATS[form]
+    encode, _ = sample.char_tokenizer(vocabulary)
+    examples = [encode(template.format(12, 34, 408)), encode(template.format(9, 9, 81))]
+    model = TokenModel(len(vocabulary))
+    eq = vocabulary.index("=")
+    scores = prepare_data.answer_scores(model, examples, eq, digit_ids(vocabulary), "cpu")
+    end = vocabulary.index("\n" if form == "ours" else "<eos>")
+    assert scores["end_ce"] == pytest.approx(model.ce(end), rel=1e-6)
+    answers = [t for ex in examples for t in ex[ex.index(eq) + 1:-1]]  # the author's space after '=' too
+    assert scores["answer_ce"] == pytest.approx(sum(map(model.ce, answers)) / len(answers), rel=1e-6)
+
+
+def test_the_authors_space_after_the_equals_sign_is_no_digit_position():
+    encode, _ = sample.char_tokenizer(AUTHOR_TOKENS)
+    examples = [encode("<eos><bos>12 x 34 = 408<eos>")]
+    scores = prepare_data.answer_scores(TokenModel(len(AUTHOR_TOKENS)), examples, AUTHOR_TOKENS.index("="),
+                                digit_ids(AUTHOR_TOKENS), "cpu")
+    assert len(scores["answer_ce_from_first"]) == len(scores["answer_ce_from_last"]) == len("408")
+
+
+def test_the_scores_come_from_one_forward_pass_and_a_read_back_that_does_not_grow_with_the_batches(monkeypatch):
+    """Each .item(), .tolist() or .cpu() of a tensor would make the CPU wait for a GPU."""
+    reads = []
+
+    def counted(real):
+        def read(self, *args, **kwargs):
+            reads.append(sys._getframe(1).f_code.co_filename == gapt.__file__)
+            return real(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    calls = []
+
+    class CountedModel(TokenModel):
+        def all_logits(self, idx):
+            calls.append(len(idx))
+            return super().all_logits(idx)
+
+    counts = []
+    for batch_size in (1, len(MULTI_DIGIT)):
+        reads.clear()
+        prepare_data.answer_scores(CountedModel(len(ARITHMETIC_CHARS)), MULTI_DIGIT, ARITH_EQ, digit_ids(ARITHMETIC_CHARS), "cpu",
+                           batch_size)
+        counts.append(sum(reads))
+    assert counts[0] == counts[1]
+    assert calls == [1] * len(MULTI_DIGIT) + [len(MULTI_DIGIT)]  # every example is read once per call
+
+
+# -----------------------------------------------------------------------------
+# Sampling and the arithmetic evaluation: sample.py
+# -----------------------------------------------------------------------------
+# ---- generating: a stop token and a tiny temperature ----
+
+def test_generate_stops_once_every_row_has_emitted_the_stop_token():
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # all logits equal: greedy picks token 0 every time
+    out = sample.generate(model, torch.ones(2, 3, dtype=torch.long), max_new_tokens=10, temperature=0, stop_token=0)
+    assert out.shape == (2, 4) and out[:, -1].tolist() == [0, 0]
+
+
+def test_a_tiny_temperature_samples_the_greedy_token_instead_of_breaking():
+    model = tiny_model()
+    idx = torch.ones(2, 3, dtype=torch.long)
+    greedy = sample.generate(model, idx, max_new_tokens=5, temperature=0)
+    assert torch.equal(sample.generate(model, idx, max_new_tokens=5, temperature=1e-45), greedy)
+
+
+# ---- exact match and greedy decoding, on a stub model that writes known answers ----
+
+class Calculator:
+    """Writes `answer(a, b)` after each '=', then the end-of-example token, then garbage ('7's) that
+    must never reach the answer: a model whose greedy outputs are known. sample.generate drives it."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.config = gapt.GPTConfig(block_size=64)
+        self.calls = 0
+
+    def next_token(self, prefix):
+        text = decode_chars(prefix).split("\n")[-1]  # the example being written
+        if "=" not in text:
+            return ARITHMETIC_CHARS.index("0")  # any token: only the answer digits are scored
+        a, b = text[:text.index("=")].split("*")
+        written, target = text[text.index("=") + 1:], self.answer(int(a), int(b)) + "\n"
+        return ARITHMETIC_CHARS.index(target[len(written)] if len(written) < len(target) else "7")
+
+    def logits_for(self, prefix):
+        return 20.0 * F.one_hot(torch.tensor(self.next_token(prefix)), len(ARITHMETIC_CHARS)).float()
+
+    def __call__(self, idx):
+        self.calls += 1
+        logits = torch.stack([self.logits_for(row) for row in idx.tolist()])
+        return logits[:, None, :], None, None
+
+    def all_logits(self, idx):
+        return torch.stack([torch.stack([self.logits_for(row[:t + 1]) for t in range(len(row))])
+                            for row in idx.tolist()])
+
+
+def test_exact_match_is_one_for_right_answers_and_zero_for_wrong_ones():
+    right = sample.evaluate_arithmetic(Calculator(lambda a, b: str(a * b)), EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
+    wrong = sample.evaluate_arithmetic(Calculator(lambda a, b: str((a * b + 1) * 10)), EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
+    assert right["examples"] == wrong["examples"] == len(EXAMPLES)
+    assert right["exact_match"] == 1.0 and right["length_error"] == 0.0 == right["length_bias"]
+    assert wrong["exact_match"] == 0.0 and wrong["length_error"] == 1.0 == wrong["length_bias"]  # a wrong digit and one digit too many
+    assert right["answer_ce"] < 1e-6 < 1.0 < wrong["answer_ce"]
+
+
+def test_length_bias_keeps_the_sign_the_length_error_drops():
+    short = sample.evaluate_arithmetic(Calculator(lambda a, b: str(a * b)[:-1]), EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
+    long = sample.evaluate_arithmetic(Calculator(lambda a, b: str(a * b) + "0"), EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
+    assert short["length_error"] == long["length_error"] == 1.0  # one digit off either way
+    assert short["length_bias"] == -1.0 and long["length_bias"] == 1.0  # answers that end too early, too late
+
+
+def test_exact_match_is_broken_down_by_operand_digits():
+    one_digit_only = Calculator(lambda a, b: str(a * b) if min(a, b) < 10 else "1")
+    scores = sample.evaluate_arithmetic(one_digit_only, EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
+    assert scores["exact_match_by_digits"] == {"1x1": 1.0, "2x2": 0.0}
+    assert scores["exact_match"] == 0.75  # 3 of the 4 examples are 1 x 1-digit products
+
+
+def test_exact_match_by_digits_reads_the_operands_of_either_format():
+    questions = ["12*3", "4*56", "<bos>12 x 3 ", "<bos>7 x 8 "]  # ours, and the author's `<bos>a x b = `
+    assert sample.exact_match_by_digits(questions, [True, False, True, True]) == {"1x1": 1.0, "1x2": 2 / 3}
+
+
+def test_greedy_decoding_stops_at_the_end_of_example_token():
+    model = Calculator(lambda a, b: str(a * b))
+    prompts = [ex[:ex.index(ARITH_EQ) + 1] for ex in EXAMPLES]
+    answers = sample.greedy_answers(model, prompts, ARITH_EOT, "cpu")
+    # 2*3= finishes one step before 9*9= in the same batch and then writes '7's: cut at its eot
+    assert [decode_chars(a) for a in answers] == ["6", "81", "408", "0"]
+    # prompts are batched by length; each batch stops once all its rows have written eot:
+    # {2*3=, 9*9=, 7*0=}: 2 digits + eot = 3 steps; {12*34=}: 3 digits + eot = 4 steps (not 6)
+    assert model.calls == 3 + 4
+
+
+def test_a_model_that_never_stops_is_cut_after_as_many_tokens_as_its_prompt():
+    model = Calculator(lambda a, b: "1" * 50)
+    answers = sample.greedy_answers(model, [encode_chars("2*3=")], ARITH_EOT, "cpu")
+    assert answers == [encode_chars("1111")]
+
+
+# ---- Calculators that err at known digits: the teacher-forced and the greedy scores say where ----
+
+# the CE of a token the Calculator does not pick (it puts a logit of 20 on the one it picks)
+WRONG = -F.log_softmax(20.0 * F.one_hot(torch.tensor(0), len(ARITHMETIC_CHARS)).float(), -1)[1].item()
+
+
+def scores_of(model):
+    return sample.evaluate_arithmetic(model, MULTI_DIGIT, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
+
+
+def share_with(k, products):
+    """The share of the products of k digits or more that have exactly k: those whose k-th digit from
+    either end is the digit at the other end."""
+    return sum(len(p) == k for p in products) / sum(len(p) >= k for p in products)
+
+
+def test_a_calculator_wrong_only_in_the_last_digit_is_scored_wrong_there_and_right_everywhere_else():
+    scores = scores_of(Calculator(lambda a, b: str(a * b)[:-1] + str((a * b + 1) % 10)))
+    assert scores["answer_ce_from_last"] == pytest.approx([WRONG, 0, 0, 0], abs=1e-6)
+    # from the leading digit, the last one is the second of 81, the third of 408, the fourth of 1000
+    assert scores["answer_ce_from_first"] == pytest.approx([WRONG * share_with(k, PRODUCTS) for k in (1, 2, 3, 4)],
+                                                           abs=1e-6)
+    assert scores["end_ce"] < 1e-6
+    assert scores["last_digit_accuracy"] == 0 and scores["leading_digit_accuracy"] == 1
+    assert scores["leading_two_digits_accuracy"] == pytest.approx(2 / 3)  # 81 ends in its second digit
+
+
+def test_a_calculator_wrong_only_in_the_leading_digit_is_scored_wrong_there_and_right_everywhere_else():
+    scores = scores_of(Calculator(lambda a, b: str(int(str(a * b)[0]) % 9 + 1) + str(a * b)[1:]))
+    assert scores["answer_ce_from_first"] == pytest.approx([WRONG, 0, 0, 0], abs=1e-6)
+    assert scores["answer_ce_from_last"] == pytest.approx([WRONG * share_with(k, PRODUCTS) for k in (1, 2, 3, 4)],
+                                                          abs=1e-6)
+    assert scores["end_ce"] < 1e-6
+    assert scores["leading_digit_accuracy"] == 0 == scores["leading_two_digits_accuracy"]
+    assert scores["last_digit_accuracy"] == 1
+
+
+def test_a_calculator_right_in_every_digit_that_never_stops_is_scored_wrong_only_at_the_end_token():
+    scores = scores_of(Calculator(lambda a, b: str(a * b) + "7" * 50))
+    assert scores["end_ce"] == pytest.approx(WRONG, abs=1e-6)
+    assert max(scores["answer_ce_from_first"] + scores["answer_ce_from_last"]) < 1e-6
+    assert scores["answer_ce"] < 1e-6  # the end token is no answer digit
+    assert scores["leading_digit_accuracy"] == 1 == scores["leading_two_digits_accuracy"]
+    assert scores["exact_match"] == 0 and scores["length_bias"] > 0
+
+
+def test_a_right_calculator_gets_every_digit_right():
+    scores = scores_of(Calculator(lambda a, b: str(a * b)))
+    assert max([scores["answer_ce"], scores["end_ce"], *scores["answer_ce_from_first"],
+                *scores["answer_ce_from_last"]]) < 1e-6
+    assert len(scores["answer_ce_from_first"]) == len(scores["answer_ce_from_last"]) == max(map(len, PRODUCTS))
+    assert scores["leading_digit_accuracy"] == scores["leading_two_digits_accuracy"] == scores["last_digit_accuracy"] == 1
+
+
+def test_the_leading_two_digits_of_a_one_digit_product_are_right_only_if_the_answer_stops_after_it():
+    one_digit = [encode_chars("\n2*3=6\n")]
+    stops = sample.evaluate_arithmetic(Calculator(lambda a, b: str(a * b)), one_digit, ARITH_EQ, ARITH_EOT,
+                                       decode_chars, "cpu")
+    goes_on = sample.evaluate_arithmetic(Calculator(lambda a, b: str(a * b) + "1"), one_digit, ARITH_EQ, ARITH_EOT,
+                                         decode_chars, "cpu")
+    assert stops["leading_two_digits_accuracy"] == 1 and goes_on["leading_two_digits_accuracy"] == 0
+    assert goes_on["leading_digit_accuracy"] == 1
+
+
+class Script:
+    """Writes tokens[t + 1] at position t, whatever it reads: a model whose greedy answer is known in
+    any vocabulary (the Calculator writes ours only)."""
+
+    def __init__(self, tokens, vocab_size):
+        self.logits = 20.0 * F.one_hot(torch.tensor(tokens[1:]), vocab_size).float()  # (len(tokens) - 1, vocab)
+        self.config = gapt.GPTConfig(block_size=64)
+
+    def __call__(self, idx):
+        return self.logits[idx.size(1) - 1].expand(idx.size(0), 1, -1), None, None
+
+    def all_logits(self, idx):
+        return self.logits[:idx.size(1)].expand(idx.size(0), -1, -1)
+
+
+@pytest.mark.parametrize("written, leading, last", [(" 56", 1, 1), (" 66", 0, 1), (" 57", 1, 0)])
+def test_the_greedy_digits_of_the_authors_format_are_read_after_its_space(written, leading, last):
+    encode, decode = sample.char_tokenizer(AUTHOR_TOKENS)
+    truth = encode("<eos><bos>7 x 8 = 56<eos>")
+    model = Script(encode(f"<eos><bos>7 x 8 ={written}<eos>"), len(AUTHOR_TOKENS))
+    scores = sample.evaluate_arithmetic(model, [truth], AUTHOR_TOKENS.index("="), AUTHOR_TOKENS.index("<eos>"),
+                                        decode, "cpu")
+    assert scores["leading_digit_accuracy"] == leading and scores["last_digit_accuracy"] == last
+    assert len(scores["answer_ce_from_first"]) == 2  # 5 and 6, not the space
+
+
+# ---- tiny trained checkpoints, one per dataset kind, trained once for the whole file ----
+
+TINY_RUN = dict(n_layer=3, n_head=2, n_embd=16, block_size=32, patch_size=8, batch_size=4,
+                gradient_accumulation_steps=1, mbe_skip_first=1, mbe_skip_last=1, compile=False, device="cpu",
+                max_iters=3, eval_interval=3, eval_iters=1, log_interval=1, align_interval=0, warmup_iters=1,
+                lr_decay_iters=3, answer_eval_examples=20, mode="baseline")
+
+
+def train_tiny(data_dir, out_dir, dataset):
+    settings = {**TINY_RUN, "dataset": dataset, "data_dir": data_dir, "out_dir": out_dir}
+    gapt.train(gapt.load_config([f"--{k}={v}" for k, v in settings.items()]))
+    return str(out_dir)
+
+
+@pytest.fixture(scope="module")
+def arith_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("arith")
+    prepare_data.main(["arithmetic", "--n_train", "2000", "--n_val", "50", "--data_dir", str(root / "data")])
+    return dict(data_dir=str(root / "data"), out_dir=train_tiny(root / "data", root / "out", "arithmetic"))
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A GPT-2 BPE dataset written by hand in prepare_data.py's layout (documents end with eot)."""
+    root = tmp_path_factory.mktemp("text")
+    folder = root / "data" / "story"
+    folder.mkdir(parents=True)
+    enc = tiktoken.get_encoding("gpt2")
+    document = enc.encode_ordinary("Once upon a time there was a tiny model that learned to count. ") + [enc.eot_token]
+    counts = {}
+    for split, repeats in (("train", 40), ("val", 10)):
+        tokens = np.array(document * repeats, dtype=np.uint16)
+        tokens.tofile(folder / f"{split}.bin")
+        counts[split] = len(tokens)
+    meta = dict(tokenizer="gpt2", vocab_size=enc.n_vocab, eot_token=enc.eot_token, dtype="uint16", tokens=counts)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return dict(data_dir=str(root / "data"), out_dir=train_tiny(root / "data", root / "out", "story"))
+
+
+@pytest.fixture(scope="module")
+def author_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("author")
+    prepare_data.main(["arithmetic", "--format", "author", "--n_train", "2000", "--n_val", "50",
+                       "--data_dir", str(root / "data")])
+    return dict(data_dir=str(root / "data"), out_dir=train_tiny(root / "data", root / "out", "arithmetic"))
+
+
+# ---- the training log and sample.py, in both formats ----
+
+@pytest.mark.parametrize("run", ["arith_run", "author_run"])
+def test_the_training_log_holds_the_teacher_forced_digit_scores_sample_py_reports(run, request, capsys):
+    run = request.getfixturevalue(run)
+    n = TINY_RUN["answer_eval_examples"]  # the examples the training log scored
+    rows = sample.main([f"--out_dir={run['out_dir']}", "--eval=arithmetic", f"--n={n}", "--device=cpu"])
+    out = capsys.readouterr().out
+    logged = [r for r in log_rows(run["out_dir"]) if r.get("event") == "eval"][-1]
+    meta = prepare_data.read_meta(run["data_dir"], "arithmetic")
+    _, decode = sample.char_tokenizer(meta["tokenizer"])
+    for row in rows:
+        examples = prepare_data.answer_sets(run["data_dir"], "arithmetic", meta, n)[row["split"]][0]
+        longest = max(len(re.search(r"= ?(\d+)", decode(ex)).group(1)) for ex in examples)
+        for key in ("answer_ce_from_first", "answer_ce_from_last", "end_ce"):
+            assert row[key] == pytest.approx(logged[f"{row['split']}_{key}"], rel=1e-5)
+        assert len(row["answer_ce_from_first"]) == len(row["answer_ce_from_last"]) == longest
+        assert all(math.isfinite(v) for v in row["answer_ce_from_first"] + row["answer_ce_from_last"])
+        assert all(0 <= row[f"{digits}_accuracy"] <= 1 for digits in ("leading_digit", "leading_two_digits", "last_digit"))
+        assert f"{row['split']}_leading_digit_accuracy" not in logged  # greedy decoding is for sample.py only
+    written = json.loads(open(os.path.join(run["out_dir"], "eval_arithmetic.json")).read())
+    assert written["rows"] == rows
+    assert "| end CE | length error | length bias | leading digit | leading 2 digits | last digit |" in out
+    assert "answer CE per digit of the product, counted from the first digit" in out
+    assert "answer CE per digit of the product, counted from the last digit" in out
+
+
+def test_eval_answer_ce_is_the_one_logged_in_training(arith_run):
+    """sample.py's answer CE on the first answer_eval_examples examples is gapt.py's val_answer_ce."""
+    rows = sample.main([f"--out_dir={arith_run['out_dir']}", "--eval=arithmetic", "--n=20", "--device=cpu"])
+    logged = [row for row in log_rows(arith_run["out_dir"]) if row.get("event") == "eval"][-1]
+    assert rows[0]["answer_ce"] == pytest.approx(logged["val_answer_ce"], rel=1e-5)
+    assert rows[1]["answer_ce"] == pytest.approx(logged["val_ood_answer_ce"], rel=1e-5)
+    assert rows[2]["answer_ce"] == pytest.approx(logged["test_ood_answer_ce"], rel=1e-5)
+    assert rows[0]["answer_ce_in_context"] == pytest.approx(logged["val_answer_ce_in_context"], rel=1e-5)
+    assert "answer_ce_in_context" not in rows[1] and "val_ood_answer_ce_in_context" not in logged  # 32 < 2 x 19
+
+
+# ---- sampling from tiny trained checkpoints ----
+
+def test_sampling_is_deterministic_for_a_fixed_seed_and_returns_text(arith_run):
+    args = [f"--out_dir={arith_run['out_dir']}", "--start=12*3", "--num_samples=2", "--max_new_tokens=20",
+            "--temperature=1.0", "--device=cpu", "--stop_at_end=False"]
+    first, again = sample.main(args + ["--seed=1"]), sample.main(args + ["--seed=1"])
+    assert first == again
+    assert len(first) == 2 and all(isinstance(s, str) and s.startswith("12*3") and len(s) == 24 for s in first)
+    assert sample.main(args + ["--seed=2"]) != first
+
+
+def test_sampling_reads_the_prompt_from_a_file_and_greedy_is_seed_free(arith_run, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("7*8=")
+    args = [f"--out_dir={arith_run['out_dir']}", f"--start=FILE:{prompt}", "--num_samples=1", "--max_new_tokens=5",
+            "--temperature=0", "--device=cpu"]
+    greedy = sample.main(args + ["--seed=1"])
+    assert greedy == sample.main(args + ["--seed=2"]) and greedy[0].startswith("7*8=")
+
+
+def test_a_text_checkpoint_samples_with_gpt2_bpe(text_run):
+    samples = sample.main([f"--out_dir={text_run['out_dir']}", "--start=Once upon", "--num_samples=2",
+                           "--max_new_tokens=8", "--device=cpu"])
+    assert len(samples) == 2 and all(s.startswith("Once upon") for s in samples)
+
+
+def test_eval_arithmetic_prints_and_writes_the_table(arith_run, capsys):
+    rows = sample.main([f"--out_dir={arith_run['out_dir']}", "--eval=arithmetic", "--n=6", "--device=cpu"])
+    assert [r["split"] for r in rows] == ["val", "val_ood", "test_ood"]
+    for r in rows:
+        assert r["examples"] == 6 and 0 <= r["exact_match"] <= 1 and r["answer_ce"] > 0 and r["length_error"] >= 0
+    written = json.loads(open(os.path.join(arith_run["out_dir"], "eval_arithmetic.json")).read())
+    assert written["rows"] == rows and written["dataset"] == "arithmetic" and written["iter_num"] == 3
+    assert "| val_ood | 6 |" in capsys.readouterr().out
+
+
+# ---- a sample ends where the model ends its document or example ----
+
+def memorizer(run, out_dir, tokens, **config):
+    """A checkpoint with run's config (changed by `config`) whose model, greedy, continues any prefix of
+    `tokens` with the rest of them: it reads positions only. Each token used embeds as a basis vector,
+    position t as (4 x) the one of tokens[t + 1], and the blocks add nothing to the residual stream."""
+    checkpoint = torch.load(os.path.join(run["out_dir"], "ckpt.pt"), weights_only=True)
+    checkpoint["config"].update(config)
+    model = gapt.GPT(gapt.GPTConfig(**{k: checkpoint["config"][k] for k in gapt.MODEL_KEYS}))
+    basis = {token: i for i, token in enumerate(sorted(set(tokens)))}
+    with torch.no_grad():
+        model.wte.weight.zero_()
+        model.wpe.weight.zero_()
+        for token, i in basis.items():
+            model.wte.weight[token, i] = 1.0
+        for t, token in enumerate(tokens[1:]):
+            model.wpe.weight[t, basis[token]] = 4.0
+        for block in model.blocks:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+    os.makedirs(out_dir)
+    gapt.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {**checkpoint, "model": model.state_dict()})
+    return str(out_dir)
+
+
+def greedy(out_dir, *args):
+    return sample.main([f"--out_dir={out_dir}", "--temperature=0", "--num_samples=1", "--device=cpu", *args])
+
+
+def block_size(run):
+    return torch.load(os.path.join(run["out_dir"], "ckpt.pt"), weights_only=True)["config"]["block_size"]
+
+
+def examples_of(run, split, n):
+    meta = prepare_data.read_meta(run["data_dir"], "arithmetic")
+    return prepare_data.answer_sets(run["data_dir"], "arithmetic", meta, n)[split][0]
+
+
+def test_an_arithmetic_sample_ends_at_the_end_of_its_example_unless_told_to_write_on(arith_run, tmp_path):
+    tokens = encode_chars("\n7*8=56\n9*9=81\n")
+    out_dir = memorizer(arith_run, tmp_path / "out", tokens)
+    everything = f"--max_new_tokens={len(tokens) - 1}"  # the default prompt is the leading end token
+    assert greedy(out_dir, everything) == [decode_chars(tokens[1:tokens.index(tokens[0], 1)])]  # 7*8=56
+    assert greedy(out_dir, everything, "--stop_at_end=False") == [decode_chars(tokens[1:])]
+
+
+def test_a_text_sample_ends_at_the_end_of_its_document_and_prints_no_end_marker(text_run, tmp_path, capsys):
+    enc = tiktoken.get_encoding("gpt2")
+    prompt, line = enc.encode_ordinary("ROMEO:"), enc.encode_ordinary(" I am here.")
+    tokens = [*prompt, *line, enc.eot_token, *enc.encode_ordinary(" JULIET:")]
+    out_dir = memorizer(text_run, tmp_path / "out", tokens)
+    everything = f"--max_new_tokens={len(tokens) - len(prompt)}"
+    assert greedy(out_dir, "--start=ROMEO:", everything) == ["ROMEO:" + enc.decode(line)]
+    assert "<|endoftext|>" not in capsys.readouterr().out
+    assert (greedy(out_dir, "--start=ROMEO:", everything, "--stop_at_end=False")
+            == ["ROMEO:" + enc.decode(tokens[len(prompt):])])
+    assert "<|endoftext|> JULIET:" in capsys.readouterr().out
+
+
+def test_sampled_text_never_runs_through_the_end_of_an_example(arith_run):
+    samples = sample.main([f"--out_dir={arith_run['out_dir']}", "--start=12*3", "--num_samples=8",
+                           "--max_new_tokens=30", "--temperature=2.0", "--device=cpu"])
+    assert len(samples) == 8 and not any("\n" in s for s in samples)
+
+
+def author_data(tmp_path):
+    prepare_data.main(["arithmetic", "--format", "author", "--n_train", "100", "--n_val", "20",
+                       "--data_dir", str(tmp_path / "author")])
+    return str(tmp_path / "author")
+
+
+def test_the_default_prompt_starts_an_example_of_the_authors_format_and_spelled_tokens_are_read(arith_run, tmp_path):
+    bos, eos = AUTHOR_TOKENS.index("<bos>"), AUTHOR_TOKENS.index("<eos>")
+    example = [bos] + [AUTHOR_TOKENS.index(c) for c in "7 x 8 = 56"] + [eos]
+    out_dir = memorizer(arith_run, tmp_path / "out", [eos, *example], vocab_size=len(AUTHOR_TOKENS),
+                        data_dir=author_data(tmp_path))
+    text = "".join(AUTHOR_TOKENS[i] for i in example[:-1])  # <bos>7 x 8 = 56
+    assert greedy(out_dir) == [text]
+    question = "<eos>" + text[:text.index("=") + 2]  # <eos><bos>7 x 8 = : one position per token
+    assert greedy(out_dir, f"--start={question}") == ["<eos>" + text]
+
+
+def test_a_prompt_outside_the_authors_vocabulary_is_told_the_characters_it_can_use(arith_run, tmp_path):
+    out_dir = memorizer(arith_run, tmp_path / "out", [0, 1], vocab_size=len(AUTHOR_TOKENS),
+                        data_dir=author_data(tmp_path))
+    with pytest.raises(SystemExit) as stop:
+        greedy(out_dir, "--start=12+3")
+    message = str(stop.value.code)
+    assert "'+'" in message and repr("".join(c for c in AUTHOR_TOKENS if len(c) == 1)) in message
+    assert "<bos><eos>" not in message
+
+
+# ---- greedy decoding and the prompt ----
+
+def test_greedy_decoding_prints_one_sample_and_says_why(arith_run, capsys):
+    samples = sample.main([f"--out_dir={arith_run['out_dir']}", "--start=12*3", "--num_samples=3",
+                           "--temperature=0", "--device=cpu"])
+    out = capsys.readouterr().out
+    assert len(samples) == 1 and out.count("---------------") == 1
+    assert "greedily, which gives one sample, not 3" in out
+
+
+def test_a_prompt_file_is_read_without_the_newline_that_ends_it(arith_run, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("12*3=\n")
+    assert greedy(arith_run["out_dir"], f"--start=FILE:{prompt}") == greedy(arith_run["out_dir"], "--start=12*3=")
+
+
+def test_a_prompt_longer_than_the_models_window_is_said_to_be_cut(arith_run, capsys):
+    prompt = "1*2=2\n" * 10
+    greedy(arith_run["out_dir"], f"--start={prompt}", "--max_new_tokens=1")
+    out = capsys.readouterr().out
+    assert f"the prompt is {len(prompt)} tokens; the model reads only the last {block_size(arith_run)}" in out
+
+
+# ---- --eval=arithmetic says what it scored, and why a number is missing ----
+
+def evaluate(run, n, capsys):
+    rows = sample.main([f"--out_dir={run['out_dir']}", "--eval=arithmetic", f"--n={n}", "--device=cpu"])
+    return rows, capsys.readouterr().out
+
+
+def test_eval_with_n_beyond_a_split_says_how_many_examples_it_scored(arith_run, capsys):
+    held = len(examples_of(arith_run, "val", 10**9))
+    rows, out = evaluate(arith_run, 100 * held, capsys)
+    assert all(r["examples"] == held for r in rows)
+    assert f"first {held} examples of val" in out and f"n={100 * held} is capped" in out
+    assert f"{100 * held} examples" not in out
+
+
+def test_eval_says_why_the_answer_ce_in_context_is_missing(arith_run, capsys):
+    rows, out = evaluate(arith_run, 6, capsys)
+    longest = max(len(ex) for ex in examples_of(arith_run, "val_ood", 6)) - 1  # in the stream: no leading eot
+    assert "answer_ce_in_context" in rows[0] and "val: no answer CE in context" not in out
+    assert "answer_ce_in_context" not in rows[1]
+    assert (f"val_ood: no answer CE in context: the model's window ({block_size(arith_run)} tokens) must hold "
+            f"two of the longest examples ({longest} tokens each)") in out
+    rows, out = evaluate(arith_run, 1, capsys)
+    assert "answer_ce_in_context" not in rows[0]
+    assert "val: no answer CE in context: the examples scored fill less than one window" in out
+
+
+def test_eval_into_a_folder_it_cannot_write_stops_before_scoring(arith_run, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(os.path.join(arith_run["out_dir"], "ckpt.pt"), run)
+    monkeypatch.setattr(sample.os, "access", lambda path, mode: False)  # as a read-only folder answers
+    with pytest.raises(SystemExit, match="is not writable; copy the run"):
+        sample.main([f"--out_dir={run}", "--eval=arithmetic", "--device=cpu"])
+    assert capsys.readouterr().out == "" and os.listdir(run) == ["ckpt.pt"]
+
+
+# ---- bad input: one line naming the problem and the fix, before anything is generated or written ----
+
+def test_sample_refuses_a_negative_top_k_and_a_prompt_file_that_is_not_utf8(tmp_path):
+    with pytest.raises(SystemExit, match="top_k must be >= 0"):
+        sample.load_sample_config(["--top_k=-5"])
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"caf\xe9")
+    with pytest.raises(SystemExit, match="not UTF-8"):
+        sample.read_prompt(f"FILE:{prompt}")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out_dir={run}/ckpt.pt"], "is a file; point --out_dir at the folder of a run"),
+    (["--start=FILE:"], "--start=FILE: names no file"),
+    (["--start=FILE:{empty}"], "is empty; write the prompt into it"),
+    (["--seed=18446744073709551616"], r"seed must be in \[0, 2\*\*64\)"),
+    (["--device=cuda"], "no CUDA device; use --device=cpu"),
+    (["--eval=arithmetic", "--n=0"], "n must be positive"),
+    (["--eval=arithmetic", "--temperature=0"], "reads no sampling option, but got --temperature"),
+    (["--n=5"], "--n=5 counts the examples of --eval=arithmetic"),
+    (["--out_dir={foreign}"], "the checkpoint was trained on another dataset; point --data_dir"),
+    (["--out_dir={foreign}", "--eval=arithmetic"], "the checkpoint was trained on another dataset; point --data_dir"),
+])
+def test_bad_input_stops_with_one_line_and_writes_nothing(arith_run, tmp_path, monkeypatch, args, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without CUDA
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(os.path.join(arith_run["out_dir"], "ckpt.pt"), run)
+    (tmp_path / "empty.txt").write_text("")
+    # the author's vocabulary has 15 tokens, ours 13: a model of 15 cannot read our data
+    foreign = memorizer(arith_run, tmp_path / "foreign", [0, 1], vocab_size=len(AUTHOR_TOKENS))
+    paths = dict(run=run, empty=tmp_path / "empty.txt", foreign=foreign)
+    with pytest.raises(SystemExit, match=message) as stop:
+        sample.main([f"--out_dir={run}", "--device=cpu", *(a.format(**paths) for a in args)])
+    assert "\n" not in str(stop.value.code)
+    assert os.listdir(run) == ["ckpt.pt"] and os.listdir(foreign) == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "is not a readable checkpoint"), ("foreign", "is not a gapt.py checkpoint"),
+    ("other weights", "weights do not fit"), ("config without its model keys", "no config\\['n_layer'\\]"),
+])
+def test_a_damaged_checkpoint_tells_the_sampler_how_to_train_one(arith_run, tmp_path, damage, message):
+    path = tmp_path / "ckpt.pt"
+    checkpoint = torch.load(os.path.join(arith_run["out_dir"], "ckpt.pt"), weights_only=True)
+    if damage == "truncated":
+        path.write_bytes(open(os.path.join(arith_run["out_dir"], "ckpt.pt"), "rb").read()[:2000])
+    elif damage == "foreign":
+        torch.save(dict(weights=torch.zeros(3)), path)
+    elif damage == "other weights":
+        torch.save({**checkpoint, "config": {**checkpoint["config"], "n_layer": 4}}, path)  # a block the weights lack
+    else:
+        torch.save({**checkpoint, "config": {k: v for k, v in checkpoint["config"].items() if k != "n_layer"}}, path)
+    with pytest.raises(SystemExit, match=message) as stopped:
+        sample.main([f"--out_dir={tmp_path}", "--device=cpu"])
+    assert f"train one with python gapt.py --out_dir={tmp_path}" in str(stopped.value.code)
+    assert "init_from" not in str(stopped.value.code)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out_dir={tmp}/nowhere"], "no checkpoint at"),
+    (["--out_dir={text}", "--eval=arithmetic"], "needs a model trained on arithmetic data"),
+    (["--out_dir={arith}", "--start=12+3="], "outside the model's vocabulary: '+'"),
+    (["--out_dir={arith}", "--eval=arithmetic", "--data_dir={tmp}"], "--eval=arithmetic needs"),
+    (["--out_dir={arith}", "--data_dir={tmp}"], "too small for GPT-2 BPE"),
+    (["--out_dir={arith}", "--start=FILE:{tmp}/missing.txt"], "prompt file"),
+    (["--out_dir={arith}", "--eval=geometry"], "eval must be"),
+    (["--out_dir={arith}", "--colour=blue"], "unknown config key 'colour'"),
+    (["--out_dir={arith}", "--n", "5"], "write overrides as --key=value"),
+    (["--out_dir={arith}", "--num_samples=0"], "num_samples must be positive"),
+])
+def test_bad_input_stops_with_a_clear_message(arith_run, text_run, tmp_path, args, message):
+    paths = dict(tmp=tmp_path, arith=arith_run["out_dir"], text=text_run["out_dir"])
+    with pytest.raises(SystemExit) as stop:
+        sample.main([a.format(**paths) for a in args] + ["--device=cpu"])
+    assert message in str(stop.value.code)
+
+
+def test_the_dataset_without_val_ood_is_named(arith_run, tmp_path):
+    data = tmp_path / "data" / "arithmetic"
+    data.mkdir(parents=True)
+    source = os.path.join(arith_run["data_dir"], "arithmetic")
+    for name in ("meta.json", "val.bin"):
+        (data / name).write_bytes(open(os.path.join(source, name), "rb").read())
+    with pytest.raises(SystemExit, match="has no .*val_ood.bin; prepare it with: python prepare_data.py arithmetic"):
+        sample.main([f"--out_dir={arith_run['out_dir']}", "--eval=arithmetic", f"--data_dir={tmp_path / 'data'}"])
+
+
+# ---- as the user runs it: one line on stderr naming sample.py, a non-zero exit ----
+
+@pytest.mark.parametrize("arg, message", [
+    ("--colour=blue", "sample.py: unknown config key 'colour'"),
+    ("--top_k=0", "sample.py: no checkpoint at"),
+])
+def test_command_line_errors_exit_nonzero_naming_sample_py(tmp_path, arg, message):
+    done = run_program([sys.executable, os.path.abspath(sample.__file__), f"--out_dir={tmp_path}", arg], timeout=120)
+    assert done.returncode != 0 and message in done.stderr
 
 
 # -----------------------------------------------------------------------------
@@ -1396,7 +2859,8 @@ def test_every_forgetting_key_has_a_rule():
     ("--patience_mem=-1", "patience_mem must be >= 0"), ("--patience_comp=-1", "patience_comp must be >= 0"),
     ("--patch_size=0", "patch_size must be positive"), ("--batch_size=-32", "batch_size must be positive"),
     ("--n_eval=0", "n_eval must be positive"), ("--eval_interval=0", "eval_interval must be positive"),
-    ("--seeds=-1", "seeds must be positive"), ("--out_dir=", "out_dir must be a non-empty path"),
+    ("--seeds=-1", "seeds must be positive"), ("--seeds=0", "seeds must be positive"),
+    ("--steps=0", "steps must be positive"), ("--out_dir=", "out_dir must be a non-empty path"),
     ("--schedules=", "schedules must be distinct names from sequential,mixed,pretrain_finetune"),
     ("--n_train=-1", "n_train must be 0"), ("--n_train=16", "n_train must be 0"),
     ("--micro_batches=0", "micro_batches must be positive"), ("--n_sep_train=0", "n_sep_train must be positive"),
@@ -1443,22 +2907,9 @@ def test_the_benchmark_times_every_variant_against_the_baseline(tmp_path):
     assert saved["rows"] == summary["rows"]
 
 
-def test_the_gpu_check_runs_the_benchmark_and_every_arithmetic_mode_in_its_smoke_version(tmp_path, capsys):
-    prepare_data.main(["arithmetic", "--n_train", "2000", "--n_val", "100", "--data_dir", str(tmp_path / "data")])
-    cfg = gapt.parse_config([f"--out_dir={tmp_path / 'check'}", f"--data_dir={tmp_path / 'data'}", "--device=cpu",
-                             "--smoke=True", "--bench_steps=1", "--bench_rounds=1", "--arith_iters=10"],
-                            gpu_check.DEFAULTS)
-    result = gpu_check.run_gpu_check(cfg)
-    saved = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
-    assert saved["bench"]["rows"] == result["bench"]["rows"] and list(saved["arithmetic"]) == list(gpu_check.MODES)
-    compressing = {mode: m["compressing"] for mode, m in result["arithmetic"].items()}
-    assert compressing["baseline"] == 0 and compressing["iblm"] == 1 and 0 < compressing["gapt"] < 1
-    assert all(math.isfinite(m["val_ood_answer_ce"]) for m in result["arithmetic"].values())
-    assert "| baseline tok/s |" in capsys.readouterr().out
-
-
 @pytest.mark.parametrize("arg, message", [
-    ("--steps=-1", "steps must be positive"), ("--rounds=-2", "rounds must be positive"),
+    ("--steps=-1", "steps must be positive"), ("--steps=0", "steps must be positive"),
+    ("--rounds=-2", "rounds must be positive"), ("--rounds=0", "rounds must be positive"),
     ("--vocab_size=70000", r"vocab_size must be in 1..65536 \(the random tokens are uint16\)"),
     ("--mbe_weight=-1", "mbe_weight must be >= 0")])
 def test_a_benchmark_value_its_key_cannot_take_stops_naming_the_key(arg, message):
@@ -1481,1464 +2932,6 @@ def test_the_benchmark_stops_before_writing_when_micro_batches_do_not_split_over
                                          r"processes \(2\)"):
         bench.run_bench(cfg)
     assert not (tmp_path / "out").exists()
-
-
-def smoke_check_config(tmp_path, *args):
-    return gpu_check.load_config([f"--out_dir={tmp_path / 'check'}", f"--data_dir={tmp_path / 'data'}",
-                                  "--device=cpu", "--smoke=True", *args])
-
-
-@pytest.mark.parametrize("arg, message", [
-    ("--bench_steps=0", "bench_steps must be positive"), ("--bench_rounds=-1", "bench_rounds must be positive"),
-    ("--arith_iters=0", "arith_iters must be positive"), ("--data_dir=", "data_dir must be a non-empty path")])
-def test_a_gpu_check_value_its_key_cannot_take_stops_naming_the_gpu_checks_own_key(tmp_path, arg, message):
-    with pytest.raises(SystemExit, match=message):
-        smoke_check_config(tmp_path, arg)
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--device=tpu"], "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'tpu'"),
-    ([], r"dataset 'arithmetic' has no .*train.bin; prepare it with: python prepare_data.py arithmetic")])
-def test_the_gpu_check_stops_on_a_bad_device_or_missing_data_before_the_benchmark_writes_anything(tmp_path, args,
-                                                                                                  message):
-    with pytest.raises(SystemExit, match=message):
-        gpu_check.run_gpu_check(smoke_check_config(tmp_path, *args))
-    assert not (tmp_path / "check").exists()
-
-
-@pytest.mark.parametrize("left_there, message", [
-    ("check", r"out_dir .* is not a writable folder\); choose another --out_dir"),
-    ("check/arith-gapt/ckpt.pt",
-     r"out_dir .* holds an earlier check .*arith-gapt/ckpt.pt\): choose another --out_dir, or delete")])
-def test_the_gpu_check_stops_before_the_benchmark_on_an_out_dir_that_is_a_file_or_holds_an_earlier_check(
-        tmp_path, left_there, message):
-    (tmp_path / left_there).parent.mkdir(parents=True, exist_ok=True)
-    (tmp_path / left_there).write_text("left there")
-    with pytest.raises(SystemExit, match=message):
-        gpu_check.run_gpu_check(smoke_check_config(tmp_path))
-    assert not (tmp_path / "check" / "bench").exists()
-
-
-def test_the_gpu_check_without_its_data_exits_non_zero_with_one_line_and_writes_nothing(tmp_path):
-    done = run_program([sys.executable, "-m", "experiments.gpu_check", "--device=cpu", "--smoke=True",
-                        f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'check'}"], timeout=300, cwd=HERE)
-    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1
-    assert done.stderr.startswith("gpu_check.py: dataset 'arithmetic' has no ")
-    assert not (tmp_path / "check").exists()
-
-
-# -----------------------------------------------------------------------------
-# Data: prepare_data.py
-# -----------------------------------------------------------------------------
-EOT = 50256
-DOCS = [  # varied documents: unicode, newlines, an empty one, and the eot marker written as plain text
-    "hello world", "Ça va? 日本語のテキスト 🙂", "line one\nline two\n", "", "a <|endoftext|> b",
-    *[f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 7 + 1) for i in range(40)],
-]
-NONEMPTY = [d for d in DOCS if d]
-
-
-def prepare(tmp_path, *args):
-    prepare_data.main([*args, "--data_dir", str(tmp_path / "data")])
-
-
-def read_bin(path):
-    return np.fromfile(path, dtype=np.uint16).tolist()
-
-
-def expected_tokens(docs):
-    enc = prepare_data.tokenizer()
-    return [t for d in docs for t in enc.encode_ordinary(d) + [EOT]]
-
-
-def split_docs(docs, val_every):
-    """The documented split rule with an unbounded --val_tokens: document i goes to val iff i % val_every == 0."""
-    return ([d for i, d in enumerate(docs) if i % val_every != 0],
-            [d for i, d in enumerate(docs) if i % val_every == 0])
-
-
-def write_jsonl(path, docs, column="text"):
-    with open(path, "w", encoding="utf-8") as f:
-        for i, d in enumerate(docs):
-            f.write(json.dumps({"id": i, column: d}) + "\n")
-
-
-def files_under(path):
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
-
-
-# ---- tokenizer and text datasets ----
-
-def test_tiktoken_gpt2_known_answer():
-    enc = prepare_data.tokenizer()
-    assert enc.encode_ordinary("hello world") == [31373, 995]
-    assert (enc.n_vocab, enc.eot_token) == (50257, EOT)
-
-
-def test_text_jsonl_tokens_decode_back_to_documents(tmp_path):
-    write_jsonl(tmp_path / "a.jsonl", DOCS[:20])
-    write_jsonl(tmp_path / "b.jsonl", DOCS[20:])
-    prepare(tmp_path, "text", "--files", str(tmp_path / "*.jsonl"), "--dataset", "docs", "--val_every", "3",
-            "--num_proc", "2")
-    out = tmp_path / "data" / "docs"
-    train_docs, val_docs = split_docs(NONEMPTY, 3)  # the empty document is skipped
-    enc = prepare_data.tokenizer()
-    for split, docs in [("train", train_docs), ("val", val_docs)]:
-        tokens = read_bin(out / f"{split}.bin")
-        assert tokens == expected_tokens(docs)
-        assert enc.decode(tokens) == "".join(d + "<|endoftext|>" for d in docs)
-        assert tokens.count(EOT) == len(docs)  # the literal "<|endoftext|>" in a document is plain text
-    meta = json.loads((out / "meta.json").read_text())
-    assert meta == {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": EOT, "dtype": "uint16",
-                    "tokens": {"train": len(expected_tokens(train_docs)), "val": len(expected_tokens(val_docs))},
-                    "command": meta["command"]}
-    assert meta["command"].startswith("python prepare_data.py text --files ")
-    assert files_under(tmp_path / "data") == ["docs/meta.json", "docs/train.bin", "docs/val.bin"]
-
-
-def test_text_parquet_tokens_decode_back_to_documents(tmp_path):
-    pq.write_table(pa.table({"content": DOCS, "n": list(range(len(DOCS)))}), tmp_path / "docs.parquet")
-    prepare(tmp_path, "text", "--files", str(tmp_path / "docs.parquet"), "--dataset", "pq",
-            "--text_column", "content", "--val_every", "4", "--num_proc", "1")
-    train_docs, val_docs = split_docs(NONEMPTY, 4)
-    assert read_bin(tmp_path / "data/pq/train.bin") == expected_tokens(train_docs)
-    assert read_bin(tmp_path / "data/pq/val.bin") == expected_tokens(val_docs)
-
-
-def test_text_txt_paragraphs_are_documents(tmp_path):
-    paragraphs = ["First Citizen:\nBefore we proceed any further, hear me speak.", "All:\nSpeak, speak.",
-                  "First Citizen:\nYou are all resolved rather to die than to famish?", "All:\nResolved."]
-    (tmp_path / "play.txt").write_text("\n\n".join(paragraphs) + "\n")
-    prepare(tmp_path, "text", "--files", str(tmp_path / "play.txt"), "--dataset", "play", "--val_every", "2")
-    enc = prepare_data.tokenizer()
-    train, val = read_bin(tmp_path / "data/play/train.bin"), read_bin(tmp_path / "data/play/val.bin")
-    # paragraphs 0 and 2 go to val; the file's final newline stays with the last paragraph
-    assert enc.decode(val) == f"{paragraphs[0]}<|endoftext|>{paragraphs[2]}<|endoftext|>"
-    assert enc.decode(train) == f"{paragraphs[1]}<|endoftext|>{paragraphs[3]}\n<|endoftext|>"
-
-
-def test_text_txt_sample_by_document_makes_each_file_a_document(tmp_path):
-    for i in range(4):
-        (tmp_path / f"book{i}.txt").write_text(f"Book {i}.\n\nIts second paragraph.\n")
-    prepare(tmp_path, "text", "--files", str(tmp_path / "book*.txt"), "--dataset", "books", "--val_every", "2",
-            "--sample_by", "document")
-    enc = prepare_data.tokenizer()
-    assert enc.decode(read_bin(tmp_path / "data/books/val.bin")) == "".join(
-        f"Book {i}.\n\nIts second paragraph.\n<|endoftext|>" for i in (0, 2))
-
-
-def test_max_tokens_is_honoured_and_keeps_a_prefix_of_the_full_run(tmp_path):
-    write_jsonl(tmp_path / "d.jsonl", DOCS)
-    common = ["text", "--files", str(tmp_path / "d.jsonl"), "--val_every", "5", "--val_tokens", "100"]
-    prepare(tmp_path, *common, "--dataset", "full")
-    prepare(tmp_path, *common, "--dataset", "cut", "--max_tokens", "333")
-    meta = json.loads((tmp_path / "data/cut/meta.json").read_text())
-    assert meta["tokens"]["train"] + meta["tokens"]["val"] == 333
-    for split in ["train", "val"]:
-        cut, full = read_bin(tmp_path / f"data/cut/{split}.bin"), read_bin(tmp_path / f"data/full/{split}.bin")
-        assert len(cut) == meta["tokens"][split] and cut == full[:len(cut)]
-
-
-def test_split_is_by_whole_documents_until_val_tokens_and_deterministic(tmp_path):
-    write_jsonl(tmp_path / "d.jsonl", DOCS)
-    args = ["text", "--files", str(tmp_path / "d.jsonl"), "--dataset", "d", "--val_every", "2", "--val_tokens", "50"]
-    prepare(tmp_path, *args)
-    first = {s: (tmp_path / f"data/d/{s}.bin").read_bytes() for s in ["train", "val"]}
-    # val takes documents 0, 2, 4, ... whole, and stops taking them once it holds 50 tokens
-    val_docs, n = [], 0
-    for d in NONEMPTY[::2]:
-        if n >= 50:
-            break
-        val_docs.append(d)
-        n += len(expected_tokens([d]))
-    assert read_bin(tmp_path / "data/d/val.bin") == expected_tokens(val_docs)
-    assert read_bin(tmp_path / "data/d/train.bin") == expected_tokens([d for d in NONEMPTY if d not in val_docs])
-    prepare(tmp_path, *args)  # re-running the same command is safe and gives the same bytes
-    assert {s: (tmp_path / f"data/d/{s}.bin").read_bytes() for s in ["train", "val"]} == first
-
-
-def test_spawned_worker_processes_tokenize_the_same(tmp_path):
-    write_jsonl(tmp_path / "d.jsonl", DOCS)
-    script = (f"import multiprocessing, sys; sys.path.insert(0, {HERE!r}); import prepare_data; "
-              f"multiprocessing.set_start_method('spawn'); prepare_data.main(['text', '--files', "
-              f"{str(tmp_path / 'd.jsonl')!r}, '--dataset', 'd', '--num_proc', '2', '--data_dir', {str(tmp_path / 'data')!r}])")
-    done = run_program([sys.executable, "-c", script], timeout=120)
-    assert done.returncode == 0, done.stderr
-    train_docs, _ = split_docs(NONEMPTY, 10)
-    assert read_bin(tmp_path / "data/d/train.bin") == expected_tokens(train_docs)
-
-
-# ---- bad inputs: a one-line error, a non-zero exit, nothing half-written ----
-
-def assert_fails(tmp_path, message, *args):
-    with pytest.raises(SystemExit) as e:
-        prepare(tmp_path, *args)
-    assert re.fullmatch(r"\S+\.py: [^\n]+", str(e.value)) and message in str(e.value)  # one line, the program's name first
-    assert not (tmp_path / "data").exists()
-
-
-@pytest.mark.parametrize("name, content, message", [
-    ("latin1.txt", b"caf\xe9 au lait\n\nmore text\n", "must be UTF-8"),
-    ("broken.jsonl", b'{"text": "fine"}\n{"text": broken\n', "every .jsonl line one JSON object"),
-    ("folder", None, "got the folder"),
-])
-def test_unreadable_input_files_are_one_line_errors(tmp_path, name, content, message):
-    path = tmp_path / name
-    if content is None:
-        path.mkdir()
-        (path / "a.txt").write_text("text")
-    else:
-        path.write_bytes(content)
-    assert_fails(tmp_path, message, "text", "--files", str(path), "--dataset", "x")
-
-
-def test_an_input_error_in_the_middle_of_the_stream_comes_back_and_leaves_no_files(tmp_path):
-    def texts():  # read by the pool's feeder thread, as a large file is
-        yield from ["some text"] * 600
-        raise prepare_data.InputError("cannot read the input")
-
-    args = prepare_data.build_parser().parse_args(["text", "--files", "x.txt", "--dataset", "d"])
-    with pytest.raises(prepare_data.InputError):
-        prepare_data.prepare_text(texts(), args, str(tmp_path / "d"), "python prepare_data.py text")
-    assert list(tmp_path.rglob("*.bin*")) == []
-
-
-def test_no_matching_files_is_an_error(tmp_path):
-    assert_fails(tmp_path, "no files match", "text", "--files", str(tmp_path / "nothing*.jsonl"), "--dataset", "x")
-
-
-def test_missing_text_column_is_an_error(tmp_path):
-    write_jsonl(tmp_path / "d.jsonl", DOCS, column="body")
-    assert_fails(tmp_path, "no column 'text'", "text", "--files", str(tmp_path / "d.jsonl"), "--dataset", "x")
-
-
-def test_token_ids_beyond_uint16_are_refused(tmp_path, monkeypatch):
-    class BigTokenizer:  # like cl100k_base: its ids do not fit the uint16 .bin format
-        n_vocab = 100_277
-    monkeypatch.setattr(prepare_data, "tokenizer", BigTokenizer)
-    write_jsonl(tmp_path / "d.jsonl", DOCS)
-    assert_fails(tmp_path, "do not fit the uint16", "text", "--files", str(tmp_path / "d.jsonl"), "--dataset", "x")
-
-
-def test_max_tokens_below_val_tokens_is_an_error(tmp_path):
-    write_jsonl(tmp_path / "d.jsonl", DOCS)
-    assert_fails(tmp_path, "smaller than the validation slice", "text", "--files", str(tmp_path / "d.jsonl"),
-                 "--dataset", "x", "--max_tokens", "100", "--val_tokens", "200")
-
-
-def test_failure_while_writing_keeps_the_previous_files_and_leaves_no_temp(tmp_path, monkeypatch):
-    write_jsonl(tmp_path / "d.jsonl", DOCS)
-    args = ["text", "--files", str(tmp_path / "d.jsonl"), "--dataset", "d"]
-    prepare(tmp_path, *args)
-    before = {name: (tmp_path / "data/d" / name).read_bytes() for name in ["train.bin", "val.bin", "meta.json"]}
-
-    def texts_then_crash(ds, column):
-        yield from NONEMPTY[:30]
-        raise RuntimeError("connection lost mid-stream")
-    monkeypatch.setattr(prepare_data, "document_texts", texts_then_crash)
-    with pytest.raises(RuntimeError, match="mid-stream"):
-        prepare(tmp_path, *args, "--num_proc", "1")
-    assert files_under(tmp_path / "data") == ["d/meta.json", "d/train.bin", "d/val.bin"]
-    assert {name: (tmp_path / "data/d" / name).read_bytes() for name in before} == before
-
-
-def test_single_document_leaves_train_empty_and_writes_nothing(tmp_path):
-    (tmp_path / "one.txt").write_text("just one paragraph\n")
-    with pytest.raises(SystemExit, match="train split is empty"):
-        prepare(tmp_path, "text", "--files", str(tmp_path / "one.txt"), "--dataset", "one")
-    assert files_under(tmp_path / "data") == []
-
-
-def cli(tmp_path, *args, **env):
-    return run_program([sys.executable, os.path.join(HERE, "prepare_data.py"), *args], timeout=60, cwd=tmp_path,
-                       env={**os.environ, **env})
-
-
-@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
-                         ids=["offline_mode", "connection_refused"])
-def test_hub_unreachable_fails_fast_and_says_how_to_use_local_files(tmp_path, env):
-    start = time.time()
-    result = cli(tmp_path, "fineweb", "--max_tokens", "1000", "--val_tokens", "100", **env)
-    assert result.returncode != 0 and time.time() - start < 30
-    assert "cannot reach 'HuggingFaceFW/fineweb'" in result.stderr
-    assert "prepare_data.py text --files" in result.stderr
-    assert not (tmp_path / "data").exists()
-
-
-def test_help_documents_every_option_with_its_default(tmp_path):
-    result = cli(tmp_path, "--help")
-    assert result.returncode == 0
-    help_text = " ".join(result.stdout.split())  # argparse wraps lines at the terminal width
-    defaults = {"--data_dir": "data", "--text_column": "text", "--max_tokens": None, "--val_tokens": 10_000_000,
-                "--val_every": 10, "--num_proc": os.cpu_count(), "--hf_id": "HuggingFaceFW/fineweb",
-                "--hf_config": "sample-10BT", "--dataset": "fineweb", "--sample_by": "paragraph",
-                "--n_train": 1_000_000, "--n_val": 10_000, "--seed": 0}
-    for option, default in defaults.items():
-        assert f"{option} " in help_text and f"(default: {default})" in help_text
-    assert "--files FILES [FILES ...]" in help_text
-
-
-# ---- arithmetic ----
-
-SPLITS = ["train", "val", "val_ood", "test_ood"]  # the files prepare_data.py arithmetic writes
-
-
-def arithmetic_lines(out, split):
-    chars = json.loads((out / "meta.json").read_text())["tokenizer"]
-    text = "".join(chars[i] for i in read_bin(out / f"{split}.bin"))
-    assert text.endswith("\n")
-    return text[:-1].split("\n")
-
-
-@pytest.fixture(scope="module")
-def arithmetic(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("arith")
-    prepare(tmp_path, "arithmetic", "--n_train", "20000", "--n_val", "2000", "--seed", "3")
-    return tmp_path / "data/arithmetic"
-
-
-def test_arithmetic_every_line_is_a_correct_product_with_the_split_digit_ranges(arithmetic):
-    for split, (lo, hi), n in [("train", (1, 3), 20000), ("val", (1, 3), 2000), ("val_ood", (4, 6), 2000),
-                               ("test_ood", (4, 6), 2000)]:
-        lines = arithmetic_lines(arithmetic, split)
-        assert len(lines) == n
-        operands = []
-        for line in lines:
-            prompt, c = line.split("=")
-            a, b = prompt.split("*")
-            assert int(c) == int(a) * int(b) and str(int(c)) == c
-            assert str(int(a)) == a and str(int(b)) == b  # plain decimal, no leading zeros
-            operands += [a, b]
-        digit_share = np.bincount([len(x) for x in operands], minlength=hi + 1)[lo:] / len(operands)
-        assert np.all(digit_share > 0.1)
-        if split != "train":  # train is skewed on purpose: it never shows a val example, e.g. any 1-digit * 1-digit
-            # the digit count is drawn uniformly first (uniform numbers would make nearly all of them hi digits)
-            assert np.allclose(digit_share, 1 / (hi - lo + 1), atol=0.03)
-    assert "0" in operands_of(arithmetic, "train")  # 0 is one of the ten 1-digit numbers
-
-
-def operands_of(out, split):
-    return {x for line in arithmetic_lines(out, split) for x in line.split("=")[0].split("*")}
-
-
-def test_arithmetic_heldout_examples_never_appear_in_train(arithmetic):
-    train = set(arithmetic_lines(arithmetic, "train"))
-    assert not train & set(arithmetic_lines(arithmetic, "val"))
-    assert not train & set(arithmetic_lines(arithmetic, "val_ood"))
-    assert not set(arithmetic_lines(arithmetic, "test_ood")) & set(arithmetic_lines(arithmetic, "val_ood"))
-
-
-def test_arithmetic_meta_matches_the_files(arithmetic):
-    meta = json.loads((arithmetic / "meta.json").read_text())
-    assert meta["tokenizer"] == list("0123456789*=\n") and meta["vocab_size"] == 13 and meta["eot_token"] == 12
-    assert meta["dtype"] == "uint16"
-    assert meta["tokens"] == {s: os.path.getsize(arithmetic / f"{s}.bin") // 2 for s in SPLITS}
-    assert meta["command"].startswith("python prepare_data.py arithmetic --n_train 20000")
-
-
-def test_arithmetic_same_seed_gives_identical_files(tmp_path, arithmetic):
-    prepare(tmp_path / "same", "arithmetic", "--n_train", "20000", "--n_val", "2000", "--seed", "3")
-    prepare(tmp_path / "other", "arithmetic", "--n_train", "20000", "--n_val", "2000", "--seed", "4")
-    for split in SPLITS:
-        same = (tmp_path / f"same/data/arithmetic/{split}.bin").read_bytes()
-        assert same == (arithmetic / f"{split}.bin").read_bytes()
-        assert same != (tmp_path / f"other/data/arithmetic/{split}.bin").read_bytes()
-
-
-# The author's arithmetic data: prepare_data.py arithmetic --format author
-AUTHOR_TOKENS = ["<bos>", "<eos>", "x", "=", " ", *"0123456789"]  # their DigitTokenizer: id = index
-EXAMPLE = re.compile(r"<bos>(\d+) x (\d+) = (\d+)<eos>")
-
-
-def decode(out, split):
-    tokens = json.loads((out / "meta.json").read_text())["tokenizer"]
-    return "".join(tokens[i] for i in np.fromfile(out / f"{split}.bin", dtype=np.uint16))
-
-
-def examples(out, split):
-    """[(a, b, c)] as strings, after checking that the split is nothing but whole examples."""
-    text = decode(out, split)
-    found = EXAMPLE.findall(text)
-    assert "".join(f"<bos>{a} x {b} = {c}<eos>" for a, b, c in found) == text
-    return found
-
-
-@pytest.fixture(scope="module")
-def author(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("author")
-    prepare(tmp_path, "arithmetic", "--format", "author", "--n_train", "20000", "--n_val", "2000", "--seed", "3")
-    return tmp_path / "data/arithmetic"
-
-
-def test_author_format_writes_bos_a_x_b_eq_c_eos_with_the_true_product_and_the_authors_ids(author):
-    for split, n in [("train", 20000), ("val", 2000), ("val_ood", 2000), ("test_ood", 2000)]:
-        found = examples(author, split)
-        assert len(found) == n
-        for a, b, c in found:
-            assert int(c) == int(a) * int(b)
-            assert str(int(a)) == a and str(int(b)) == b and str(int(c)) == c  # no leading zeros
-    first = "<bos>{} x {} = {}<eos>".format(*examples(author, "train")[0])
-    ids = [AUTHOR_TOKENS.index(t) for t in re.findall(r"<bos>|<eos>|.", first)]  # their encode_multiplication
-    assert np.fromfile(author / "train.bin", dtype=np.uint16)[:len(ids)].tolist() == ids
-
-
-def test_author_operands_have_1_to_3_digits_uniformly_4_to_6_in_val_ood_and_no_zero(author):
-    for split, (lo, hi) in [("train", (1, 3)), ("val", (1, 3)), ("val_ood", (4, 6)), ("test_ood", (4, 6))]:
-        operands = [x for a, b, _ in examples(author, split) for x in (a, b)]
-        digit_share = np.bincount([len(x) for x in operands], minlength=hi + 1)[lo:] / len(operands)
-        assert len(digit_share) == hi - lo + 1 and np.allclose(digit_share, 1 / 3, atol=0.03)  # train too
-    one_digit = {x for a, b, _ in examples(author, "train") for x in (a, b) if len(x) == 1}
-    assert one_digit == set("123456789")  # their randint(10**0, 9): 0 is never drawn
-
-
-def test_author_format_keeps_val_pairs_that_also_occur_in_train(author):
-    # 1-digit x 1-digit is 1/9 of the examples over only 81 pairs, so their independent draws share many;
-    # ours removes every one of them from train (test_arithmetic_heldout_examples_never_appear_in_train)
-    train, val = set(examples(author, "train")), set(examples(author, "val"))
-    assert len(train & val) > 50
-
-
-def test_author_meta_is_read_back_and_answer_sets_cut_whole_examples_after_the_previous_eos(author):
-    data_dir = str(author.parent)
-    meta = prepare_data.read_meta(data_dir, "arithmetic")
-    assert meta["tokenizer"] == AUTHOR_TOKENS and meta["vocab_size"] == 15 and meta["eot_token"] == 1
-    assert meta["tokens"] == {s: os.path.getsize(author / f"{s}.bin") // 2 for s in SPLITS}
-    sets = prepare_data.answer_sets(data_dir, "arithmetic", meta, 50)
-    assert set(sets) == {"val", "val_ood", "test_ood"}
-    for split, (cut, eq) in sets.items():
-        assert eq == 3 and len(cut) == 50
-        for example, (a, b, c) in zip(cut, examples(author, split)):
-            assert example[:2] == [1, 0] and example[-1] == 1  # <eos> of the previous example, then <bos>
-            text = "".join(AUTHOR_TOKENS[i] for i in example[1:])
-            assert text == f"<bos>{a} x {b} = {c}<eos>"
-            # what gapt.answer_ce scores, the targets after '=' and before the end: the space, then c
-            assert "".join(AUTHOR_TOKENS[i] for i in example[example.index(eq) + 1:-1]) == f" {c}"
-
-
-def test_gapt_trains_and_scores_answers_on_the_author_format(tmp_path):
-    prepare(tmp_path, "arithmetic", "--format", "author", "--n_train", "500", "--n_val", "30")
-    settings = dict(dataset="arithmetic", data_dir=tmp_path / "data", out_dir=tmp_path / "out", n_layer=3, n_head=2,
-                    n_embd=16, block_size=64, patch_size=8, batch_size=4, gradient_accumulation_steps=1,
-                    mbe_skip_first=1, mbe_skip_last=1, max_iters=2, warmup_iters=1, lr_decay_iters=2,
-                    eval_interval=2, eval_iters=1, log_interval=1, align_interval=0, answer_eval_examples=30,
-                    compile=False, device="cpu")
-    result = gapt.train(gapt.load_config([f"--{k}={v}" for k, v in settings.items()]))
-    with open(tmp_path / "out/log.jsonl") as f:
-        evaluation = [r for r in map(json.loads, f) if r.get("event") == "eval"][-1]
-    assert result["model"].config.vocab_size == 15
-    assert all(math.isfinite(evaluation[f"{s}_answer_ce"]) for s in ["val", "val_ood"])
-
-
-def test_the_default_format_is_ours_and_unchanged_by_the_option(tmp_path, arithmetic):
-    prepare(tmp_path, "arithmetic", "--format", "ours", "--n_train", "20000", "--n_val", "2000", "--seed", "3")
-    for split in SPLITS:  # the fixture was written without --format
-        assert (tmp_path / f"data/arithmetic/{split}.bin").read_bytes() == (arithmetic / f"{split}.bin").read_bytes()
-    meta = json.loads((tmp_path / "data/arithmetic/meta.json").read_text())
-    assert meta["tokenizer"] == list("0123456789*=\n") and meta["vocab_size"] == 13 and meta["eot_token"] == 12
-
-
-def test_an_unknown_format_is_a_one_line_error_naming_the_choices_and_writes_nothing(tmp_path, capsys):
-    with pytest.raises(SystemExit) as stop:
-        prepare(tmp_path, "arithmetic", "--format", "authors")
-    assert stop.value.code == 2
-    error = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert len(error) == 1 and "--format: invalid choice: 'authors'" in error[0] and "'author'" in error[0]
-    assert not (tmp_path / "data").exists()
-
-
-@pytest.mark.parametrize("kind", ["txt", "jsonl", "arithmetic"])
-def test_gapt_trains_a_few_steps_on_each_kind_of_prepared_dataset(tmp_path, kind):
-    data_dir = str(tmp_path / "data")
-    if kind == "arithmetic":
-        prepare_data.main(["arithmetic", "--n_train", "500", "--n_val", "30", "--data_dir", data_dir])
-    else:
-        source = tmp_path / f"corpus.{kind}"
-        if kind == "txt":
-            source.write_text("\n\n".join(NONEMPTY))
-        else:
-            write_jsonl(source, NONEMPTY)
-        prepare_data.main(["text", "--files", str(source), "--dataset", kind, "--val_tokens", "100", "--val_every", "5",
-                           "--num_proc", "1", "--data_dir", data_dir])
-    result = gapt.train(tiny_config(tmp_path, dataset=kind, max_iters=2, eval_interval=2, answer_eval_examples=10,
-                                    block_size=32))
-    evaluation = [r for r in read_log(tmp_path / "out") if r.get("event") == "eval"][-1]
-    assert math.isfinite(evaluation["val_ce"])
-    assert result["model"].config.vocab_size == (13 if kind == "arithmetic" else 50304)
-    assert ("val_ood_answer_ce" in evaluation) == (kind == "arithmetic")
-    assert ("val_answer_ce_in_context" in evaluation) == (kind == "arithmetic")  # val examples fit block_size / 2
-
-
-def usage_error(capsys, tmp_path, *args):
-    """argparse's one error line for args (after its usage lines), once sure it exits 2 and writes nothing."""
-    with pytest.raises(SystemExit) as e:
-        prepare(tmp_path, *args)
-    assert e.value.code == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(errors) == 1
-    assert not (tmp_path / "data").exists()
-    return errors[0]
-
-
-# ---- one style, one meaning per option ----
-
-EVERY_OPTION = {  # for each command, a value other than the default for each of its options
-    "fineweb": dict(hf_id="HuggingFaceFW/fineweb-edu", hf_config="sample-100BT", dataset="edu", text_column="body",
-                    max_tokens=5000, val_tokens=500, val_every=3, num_proc=3, data_dir="elsewhere"),
-    "text": dict(files=["a.txt"], dataset="books", sample_by="line", text_column="body", max_tokens=5000,
-                 val_tokens=500, val_every=3, num_proc=3, data_dir="elsewhere"),
-    "arithmetic": dict(n_train=500, n_val=30, format="author", seed=7, dataset="arith", data_dir="elsewhere"),
-}
-
-
-@pytest.mark.parametrize("command", EVERY_OPTION)
-def test_every_option_of_every_command_takes_the_key_equals_value_form_as_gapt_py_does(command):
-    expected = EVERY_OPTION[command]
-    options = {f"--{key}": value[0] if isinstance(value, list) else value for key, value in expected.items()}
-    parse = prepare_data.build_parser().parse_args
-    args = vars(parse([command, *(f"{option}={value}" for option, value in options.items())]))
-    # compared whole: an option left out here (a new one) would come back with its default and fail the test
-    assert args == {"command": command, **expected}
-    assert vars(parse([command, *(str(x) for item in options.items() for x in item)])) == args  # --key value
-
-
-def test_files_repeated_in_the_key_equals_value_form_are_all_read(tmp_path):
-    write_jsonl(tmp_path / "a.jsonl", NONEMPTY[:20])
-    write_jsonl(tmp_path / "b.jsonl", NONEMPTY[20:])
-    prepare(tmp_path, "text", f"--files={tmp_path / 'a.jsonl'}", f"--files={tmp_path / 'b.jsonl'}", "--dataset=ab",
-            "--val_every=3", "--num_proc=1")
-    out = tmp_path / "data/ab"
-    assert sorted(read_bin(out / "train.bin") + read_bin(out / "val.bin")) == sorted(expected_tokens(NONEMPTY))
-
-
-def test_a_file_matched_twice_is_read_once(tmp_path):
-    write_jsonl(tmp_path / "d.jsonl", NONEMPTY)
-    path = str(tmp_path / "d.jsonl")
-    prepare(tmp_path, "text", "--files", path, str(tmp_path / "*.jsonl"), path.replace("/d.jsonl", "/./d.jsonl"),
-            "--dataset=d", "--val_every=3", "--num_proc=1")
-    tokens = json.loads((tmp_path / "data/d/meta.json").read_text())["tokens"]
-    assert tokens["train"] + tokens["val"] == len(expected_tokens(NONEMPTY))
-
-
-@pytest.mark.parametrize("args, new", [
-    (["text", "--files=a.txt", "--name=books"], "--dataset"),
-    (["text", "--files", "a.txt", "--name", "books"], "--dataset"),
-    (["fineweb", "--name=sample-10BT"], "--hf_config"),
-])
-def test_an_old_option_name_fails_in_one_line_that_names_the_new_one(tmp_path, capsys, args, new):
-    assert f"--name is now {new}" in usage_error(capsys, tmp_path, *args)
-
-
-def test_an_abbreviated_option_is_refused_as_gapt_py_refuses_it(tmp_path, capsys):
-    assert "unrecognized arguments: --n_tr=500" in usage_error(capsys, tmp_path, "arithmetic", "--n_tr=500")
-
-
-def test_help_shows_dataset_in_every_command_and_hf_config_in_fineweb_and_never_name(capsys):
-    for command in EVERY_OPTION:
-        with pytest.raises(SystemExit):
-            prepare_data.build_parser().parse_args([command, "--help"])
-        help_text = capsys.readouterr().out
-        assert "--dataset DATASET" in help_text and "--name" not in help_text
-        assert ("--hf_config HF_CONFIG" in help_text) == (command == "fineweb")
-
-
-def test_the_command_suggested_for_a_missing_text_dataset_prepares_that_dataset():
-    python, script, *args = shlex.split(prepare_data.prepare_command("books"))
-    assert (python, script) == ("python", "prepare_data.py")
-    assert prepare_data.build_parser().parse_args(args).dataset == "books"
-
-
-@pytest.mark.parametrize("option", ["--max_tokens=0", "--val_tokens=-5", "--val_every=0", "--num_proc=0",
-                                    "--max_tokens=1e9", "--n_train=0", "--n_val=ten", "--seed=-1"])
-def test_a_count_that_is_not_a_whole_number_in_range_is_refused_naming_the_option(tmp_path, capsys, option):
-    key, value = option.split("=")
-    args = ["arithmetic", option] if key in ("--n_train", "--n_val", "--seed") else \
-        ["text", "--files=a.txt", "--dataset=x", option]
-    error = usage_error(capsys, tmp_path, *args)
-    assert f"argument {key}: must be a whole number of at least" in error and repr(value) in error
-
-
-# ---- the output folder: checked before anything is read, nothing left behind ----
-
-@pytest.mark.parametrize("data_dir, dataset, file, option", [
-    ("data", "x", "data", "--data_dir"),
-    ("data/sub", "x", "data", "--data_dir"),
-    ("data", "x", "data/x", "--dataset"),
-])
-def test_an_output_folder_in_the_place_of_a_file_is_a_one_line_error(tmp_path, data_dir, dataset, file, option):
-    write_jsonl(tmp_path / "d.jsonl", NONEMPTY)
-    (tmp_path / file).parent.mkdir(exist_ok=True)
-    (tmp_path / file).write_text("a file")
-    before = sorted(tmp_path.rglob("*"))
-    with pytest.raises(SystemExit, match=f"is a file, not a folder, .*; choose another {option}$"):
-        prepare_data.main(["text", f"--files={tmp_path / 'd.jsonl'}", f"--data_dir={tmp_path / data_dir}",
-                           f"--dataset={dataset}"])
-    assert sorted(tmp_path.rglob("*")) == before and (tmp_path / file).read_text() == "a file"
-
-
-@pytest.mark.parametrize("below", ["", "new/deeper"])
-def test_a_read_only_data_dir_is_refused_before_anything_runs(tmp_path, monkeypatch, below):
-    read_only = tmp_path / "read_only"
-    read_only.mkdir()
-    access = os.access
-    # as a read-only folder answers (chmod does not stop root)
-    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and path != str(read_only))
-    with pytest.raises(SystemExit, match="is read-only, .* cannot be written; choose another --data_dir"):
-        prepare_data.main(["arithmetic", f"--data_dir={read_only / below}"])
-    assert list(read_only.iterdir()) == []
-
-
-@pytest.mark.parametrize("option, message", [
-    ("--dataset=a/b", "--dataset='a/b' is not a folder name"),
-    ("--dataset=..", "--dataset='..' is not a folder name"),
-    ("--dataset=", "--dataset='' is not a folder name"),
-    ("--dataset=/abs", "--dataset='/abs' is not a folder name"),
-    ("--data_dir=", "--data_dir is empty"),
-    ("--data_dir=~/data", "--data_dir=~/data starts with '~', which the shell does not expand in --key=value"),
-])
-def test_an_output_folder_other_than_one_name_in_a_plain_data_dir_is_refused(tmp_path, monkeypatch, option, message):
-    monkeypatch.chdir(tmp_path)  # where the default --data_dir, and an empty one, would write
-    with pytest.raises(SystemExit, match=re.escape(message)):
-        prepare_data.main(["arithmetic", "--n_train=10", "--n_val=10", option])
-    assert list(tmp_path.iterdir()) == []
-
-
-# ---- the input: each problem named where it is, with its fix ----
-
-@pytest.mark.parametrize("suffix, good, bad", [
-    (".txt", b"fine\n\ntext\n", b"also fine\n\ncaf\xe9 au lait\n"),
-    (".jsonl", b'{"text": "fine"}\n', b'{"text": "fine"}\n{"text": "fine"}\n{"text": "caf\xe9"}\n'),
-])
-def test_a_file_that_is_not_utf8_is_named_with_its_line_and_how_to_convert_it(tmp_path, suffix, good, bad):
-    (tmp_path / f"a{suffix}").write_bytes(good)
-    (tmp_path / f"b{suffix}").write_bytes(bad)
-    path = re.escape(str(tmp_path / f"b{suffix}"))
-    with pytest.raises(SystemExit, match=f"{path} line 3 is not UTF-8 .* must be UTF-8. Convert it, e.g. "
-                                         f"iconv -f latin1 -t utf-8 {path} > "):
-        prepare(tmp_path, "text", f"--files={tmp_path}/*{suffix}", "--dataset=x", "--num_proc=1")
-    assert not (tmp_path / "data").exists()
-
-
-@pytest.mark.parametrize("line", ['{"text": broken', '["a list", "not an object"]'])
-def test_a_jsonl_line_that_is_not_one_json_object_is_named_with_its_file_and_line(tmp_path, line):
-    write_jsonl(tmp_path / "a.jsonl", NONEMPTY[:3])
-    (tmp_path / "b.jsonl").write_text(f'{{"text": "fine"}}\n{line}\n')
-    assert_fails(tmp_path, f"{tmp_path / 'b.jsonl'} line 2 is not a JSON object", "text",
-                 f"--files={tmp_path}/*.jsonl", "--dataset=x", "--num_proc=1")
-
-
-@pytest.mark.parametrize("texts, row", [([5, "fine"], 1), (["fine", "fine", 5], 3), (["fine", ["a", "list"]], 2)])
-def test_a_row_whose_text_is_not_a_string_is_named_and_leaves_nothing_behind(tmp_path, texts, row):
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    kind = type(texts[row - 1]).__name__
-    assert_fails(tmp_path, f"row {row} of the input holds {kind} in column 'text', not text", "text",
-                 f"--files={tmp_path / 'd.jsonl'}", "--dataset=x", "--num_proc=1")
-
-
-def test_a_null_text_is_skipped_like_an_empty_document(tmp_path):
-    pq.write_table(pa.table({"text": ["one", None, "two", "", "three"]}), tmp_path / "d.parquet")
-    prepare(tmp_path, "text", f"--files={tmp_path / 'd.parquet'}", "--dataset=d", "--val_every=2", "--num_proc=1")
-    assert read_bin(tmp_path / "data/d/val.bin") == expected_tokens(["one", "three"])
-    assert read_bin(tmp_path / "data/d/train.bin") == expected_tokens(["two"])
-
-
-def test_an_input_of_only_empty_documents_is_an_error_naming_that(tmp_path):
-    write_jsonl(tmp_path / "d.jsonl", ["", "", ""])
-    assert_fails(tmp_path, "every document in the input is empty", "text", f"--files={tmp_path / 'd.jsonl'}",
-                 "--dataset=x", "--num_proc=1")
-
-
-def test_a_file_that_cannot_be_read_is_named(tmp_path):
-    (tmp_path / "gone.txt").symlink_to(tmp_path / "deleted.txt")  # no read permission does not stop root
-    assert_fails(tmp_path, f"cannot read '{tmp_path / 'gone.txt'}' (a link to nothing, or no read permission)",
-                 "text", f"--files={tmp_path}/*.txt", "--dataset=x")
-
-
-def test_a_file_that_is_not_parquet_is_named(tmp_path):
-    (tmp_path / "damaged.parquet").write_bytes(b"not parquet at all")
-    assert_fails(tmp_path, f"{tmp_path / 'damaged.parquet'} is not a parquet file", "text",
-                 f"--files={tmp_path / 'damaged.parquet'}", "--dataset=x")
-
-
-def test_an_empty_parquet_file_adds_no_documents_and_only_empty_ones_are_an_error(tmp_path):
-    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "a_empty.parquet")
-    pq.write_table(pa.table({"text": NONEMPTY}), tmp_path / "b_docs.parquet")
-    prepare(tmp_path, "text", f"--files={tmp_path}/*.parquet", "--dataset=d", "--val_every=3", "--num_proc=1")
-    tokens = json.loads((tmp_path / "data/d/meta.json").read_text())["tokens"]
-    assert tokens["train"] + tokens["val"] == len(expected_tokens(NONEMPTY))
-    empty = tmp_path / "only_empty"
-    empty.mkdir()
-    assert_fails(empty, "every parquet file in --files is empty", "text", f"--files={tmp_path / 'a_empty.parquet'}",
-                 "--dataset=x")
-
-
-def test_val_every_1_that_leaves_train_empty_names_two_fixes_and_both_work(tmp_path):
-    write_jsonl(tmp_path / "d.jsonl", NONEMPTY[:5])
-    args = ["text", f"--files={tmp_path / 'd.jsonl'}", "--val_every=1", "--num_proc=1"]
-    with pytest.raises(SystemExit) as e:
-        prepare(tmp_path, *args, "--dataset=x")
-    message = str(e.value)
-    assert "the train split is empty" in message and "--max_tokens" not in message  # the input ran out, not the cap
-    val_tokens = re.search(r"Raise --val_every, or lower --val_tokens to (\d+) or less", message).group(1)
-    for fix in (f"--val_tokens={val_tokens}", "--val_every=2"):
-        prepare(tmp_path, *args, fix, "--dataset=fixed")
-        assert read_bin(tmp_path / "data/fixed/train.bin") != []
-
-
-def test_max_tokens_used_up_by_the_first_document_says_to_raise_it(tmp_path):
-    write_jsonl(tmp_path / "d.jsonl", NONEMPTY)
-    assert_fails(tmp_path, "Raise --max_tokens: the first document used it up", "text",
-                 f"--files={tmp_path / 'd.jsonl'}", "--dataset=x", "--max_tokens=3", "--val_tokens=3", "--num_proc=1")
-
-
-def test_a_malformed_hub_id_is_named_without_touching_the_network(tmp_path):
-    assert_fails(tmp_path, "--hf_id='not a hub id' is not a Hub dataset id", "fineweb", "--hf_id=not a hub id",
-                 "--max_tokens=1000", "--val_tokens=100")
-
-
-def test_n_val_that_would_leave_train_no_pairs_to_draw_is_refused_in_our_format(tmp_path):
-    assert_fails(tmp_path, "--n_val=1000001 leaves train almost no 1-3 digit pairs", "arithmetic", "--n_val=1000001")
-
-
-# ---- as the user runs it: one line on stderr, exit status 1 ----
-
-@pytest.mark.parametrize("problem", ["data_dir is a file", "a jsonl line is broken", "the first text is a number"])
-def test_a_bad_input_prints_one_line_and_exits_1_instead_of_a_traceback(tmp_path, problem):
-    """One line and nothing else: no traceback, no second line logged by datasets, no progress bar
-    (what the first row shows is found before tokenizing starts)."""
-    write_jsonl(tmp_path / "d.jsonl", NONEMPTY[:3])
-    if problem == "data_dir is a file":
-        (tmp_path / "data").write_text("a file")
-    elif problem == "a jsonl line is broken":
-        (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
-    else:
-        (tmp_path / "d.jsonl").write_text('{"text": 5}\n{"text": "fine"}\n')
-    result = cli(tmp_path, "text", "--files=d.jsonl", "--dataset=x")
-    assert result.returncode == 1
-    assert re.fullmatch(r"prepare_data\.py: [^\n]+\n", result.stderr), result.stderr
-
-
-# -----------------------------------------------------------------------------
-# Sampling and the arithmetic evaluation: sample.py
-# -----------------------------------------------------------------------------
-ARITHMETIC_CHARS = list("0123456789*=\n")  # prepare_data.py's vocabulary: id = index
-ARITH_EQ, ARITH_EOT = ARITHMETIC_CHARS.index("="), ARITHMETIC_CHARS.index("\n")
-
-
-def encode_chars(text):
-    return [ARITHMETIC_CHARS.index(c) for c in text]
-
-
-def decode_chars(ids):
-    return "".join(ARITHMETIC_CHARS[i] for i in ids)
-
-
-# -----------------------------------------------------------------------------
-# Tiny trained checkpoints, one per dataset kind, trained once for the whole file
-# -----------------------------------------------------------------------------
-TINY_RUN = dict(n_layer=3, n_head=2, n_embd=16, block_size=32, patch_size=8, batch_size=4,
-                gradient_accumulation_steps=1, mbe_skip_first=1, mbe_skip_last=1, compile=False, device="cpu",
-                max_iters=3, eval_interval=3, eval_iters=1, log_interval=1, align_interval=0, warmup_iters=1,
-                lr_decay_iters=3, answer_eval_examples=20, mode="baseline")
-
-
-def train_tiny(data_dir, out_dir, dataset):
-    settings = {**TINY_RUN, "dataset": dataset, "data_dir": data_dir, "out_dir": out_dir}
-    gapt.train(gapt.load_config([f"--{k}={v}" for k, v in settings.items()]))
-    return str(out_dir)
-
-
-@pytest.fixture(scope="module")
-def arith_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("arith")
-    prepare_data.main(["arithmetic", "--n_train", "2000", "--n_val", "50", "--data_dir", str(root / "data")])
-    return dict(data_dir=str(root / "data"), out_dir=train_tiny(root / "data", root / "out", "arithmetic"))
-
-
-@pytest.fixture(scope="module")
-def text_run(tmp_path_factory):
-    """A GPT-2 BPE dataset written by hand in prepare_data.py's layout (documents end with eot)."""
-    root = tmp_path_factory.mktemp("text")
-    folder = root / "data" / "story"
-    folder.mkdir(parents=True)
-    enc = tiktoken.get_encoding("gpt2")
-    document = enc.encode_ordinary("Once upon a time there was a tiny model that learned to count. ") + [enc.eot_token]
-    counts = {}
-    for split, repeats in (("train", 40), ("val", 10)):
-        tokens = np.array(document * repeats, dtype=np.uint16)
-        tokens.tofile(folder / f"{split}.bin")
-        counts[split] = len(tokens)
-    meta = dict(tokenizer="gpt2", vocab_size=enc.n_vocab, eot_token=enc.eot_token, dtype="uint16", tokens=counts)
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return dict(data_dir=str(root / "data"), out_dir=train_tiny(root / "data", root / "out", "story"))
-
-
-# -----------------------------------------------------------------------------
-# Stub models with known outputs
-# -----------------------------------------------------------------------------
-class TableModel:
-    """all_logits(idx)[b, t] = table[idx[b, t], t]: known logits that depend only on the token and its
-    position, so the expected answer CE can be computed example by example, without any batching."""
-
-    def __init__(self, vocab_size, length, seed=0):
-        self.table = torch.randn(vocab_size, length, vocab_size, generator=torch.Generator().manual_seed(seed))
-
-    def all_logits(self, idx):
-        return self.table[idx, torch.arange(idx.size(1))]
-
-
-class Calculator:
-    """Writes `answer(a, b)` after each '=', then the end-of-example token, then garbage ('7's) that
-    must never reach the answer: a model whose greedy outputs are known. sample.generate drives it."""
-
-    def __init__(self, answer):
-        self.answer = answer
-        self.config = gapt.GPTConfig(block_size=64)
-        self.calls = 0
-
-    def next_token(self, prefix):
-        text = decode_chars(prefix).split("\n")[-1]  # the example being written
-        if "=" not in text:
-            return ARITHMETIC_CHARS.index("0")  # any token: only the answer digits are scored
-        a, b = text[:text.index("=")].split("*")
-        written, target = text[text.index("=") + 1:], self.answer(int(a), int(b)) + "\n"
-        return ARITHMETIC_CHARS.index(target[len(written)] if len(written) < len(target) else "7")
-
-    def logits_for(self, prefix):
-        return 20.0 * F.one_hot(torch.tensor(self.next_token(prefix)), len(ARITHMETIC_CHARS)).float()
-
-    def __call__(self, idx):
-        self.calls += 1
-        logits = torch.stack([self.logits_for(row) for row in idx.tolist()])
-        return logits[:, None, :], None, None
-
-    def all_logits(self, idx):
-        return torch.stack([torch.stack([self.logits_for(row[:t + 1]) for t in range(len(row))])
-                            for row in idx.tolist()])
-
-
-EXAMPLES = [encode_chars("\n" + line + "\n") for line in ("2*3=6", "9*9=81", "12*34=408", "7*0=0")]  # as split_examples gives them
-
-
-# -----------------------------------------------------------------------------
-# Answer CE, exact match and greedy decoding
-# -----------------------------------------------------------------------------
-def test_examples_are_scored_after_the_end_of_example_token_that_precedes_them_in_training():
-    tokens = np.array(encode_chars("2*3=6\n12*34=408\n"), dtype=np.uint16)
-    assert prepare_data.split_examples(tokens, ARITH_EOT) == [encode_chars("\n2*3=6\n"), encode_chars("\n12*34=408\n")]
-
-
-def test_answer_ce_is_the_mean_ce_over_the_answer_digits_only():
-    model = TableModel(len(ARITHMETIC_CHARS), length=16)
-    losses = []
-    for ex in EXAMPLES:  # direct computation: each answer digit j is predicted from position j - 1
-        for j in range(ex.index(ARITH_EQ) + 1, len(ex) - 1):
-            log_probs = F.log_softmax(model.table[ex[j - 1], j - 1], dim=-1)
-            losses.append(-log_probs[ex[j]].item())
-    assert len(losses) == 1 + 2 + 3 + 1  # the digits of 6, 81, 408, 0: no '=', no end-of-example token
-    expected = sum(losses) / len(losses)
-    assert gapt.answer_scores(model, EXAMPLES, ARITH_EQ, set(), "cpu")["answer_ce"] == pytest.approx(expected, rel=1e-5)
-    assert gapt.answer_scores(model, EXAMPLES, ARITH_EQ, set(), "cpu", batch_size=3)["answer_ce"] == pytest.approx(expected, rel=1e-5)
-
-
-class CopyModel:
-    """Predicts, with certainty, the token `period` positions back (uniformly where there is none): a
-    model that can answer only by reading an earlier example of a stream of identical examples."""
-
-    def __init__(self, vocab_size, period):
-        self.vocab_size, self.period = vocab_size, period
-
-    def all_logits(self, idx):
-        logits = torch.zeros(*idx.shape, self.vocab_size)
-        logits[:, self.period - 1:] = 50.0 * F.one_hot(idx[:, :idx.size(1) - self.period + 1], self.vocab_size)
-        return logits
-
-
-class TokenModel:
-    """The same logits at every position: the CE of a target depends on the target token only."""
-
-    def __init__(self, vocab_size, seed=0):
-        self.logits = torch.randn(vocab_size, generator=torch.Generator().manual_seed(seed))
-
-    def all_logits(self, idx):
-        return self.logits.expand(*idx.shape, -1)
-
-    def ce(self, token):
-        return -F.log_softmax(self.logits, -1)[token].item()
-
-
-def test_in_context_answer_ce_lets_an_answer_be_read_from_the_examples_before_it():
-    examples = [encode_chars("\n2*3=6\n")] * 40
-    model = CopyModel(len(ARITHMETIC_CHARS), period=6)  # 6 tokens per example in the stream
-    assert gapt.answer_scores(model, examples, ARITH_EQ, set(), "cpu")["answer_ce"] == pytest.approx(math.log(len(ARITHMETIC_CHARS)))
-    assert gapt.answer_ce_in_context(model, examples, ARITH_EQ, "cpu", window=16) < 1e-6
-
-
-@pytest.mark.parametrize("window, batch_size", [(20, 64), (24, 3), (64, 1)])
-def test_in_context_answer_ce_scores_every_whole_example_once_after_the_first_half_window(window, batch_size):
-    rng = np.random.default_rng(window)
-    examples = [EXAMPLES[i] for i in rng.integers(len(EXAMPLES), size=60)]
-    model = TokenModel(len(ARITHMETIC_CHARS))
-    stream_length = 1 + sum(len(ex) - 1 for ex in examples)
-    last_window_end = (stream_length - window - 1) // (window // 2) * (window // 2) + window
-    answers, end = [], 0  # end: the stream index of each example's closing eot
-    for ex in examples:
-        end += len(ex) - 1
-        if window // 2 < end <= last_window_end:
-            answers += ex[ex.index(ARITH_EQ) + 1:-1]
-    expected = sum(model.ce(token) for token in answers) / len(answers)
-    got = gapt.answer_ce_in_context(model, examples, ARITH_EQ, "cpu", window=window, batch_size=batch_size)
-    assert got == pytest.approx(expected, rel=1e-6)
-
-
-def test_in_context_answer_ce_is_nan_when_a_window_cannot_hold_two_of_the_longest_examples():
-    model = TokenModel(len(ARITHMETIC_CHARS))
-    assert math.isnan(gapt.answer_ce_in_context(model, EXAMPLES * 10, ARITH_EQ, "cpu", window=16))  # 12*34=408 is 10
-    assert math.isnan(gapt.answer_ce_in_context(model, EXAMPLES[:1], ARITH_EQ, "cpu", window=64))  # not one window
-    assert math.isfinite(gapt.answer_ce_in_context(model, EXAMPLES * 10, ARITH_EQ, "cpu", window=20))
-
-
-def test_exact_match_is_one_for_right_answers_and_zero_for_wrong_ones():
-    right = sample.evaluate_arithmetic(Calculator(lambda a, b: str(a * b)), EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
-    wrong = sample.evaluate_arithmetic(Calculator(lambda a, b: str((a * b + 1) * 10)), EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
-    assert right["examples"] == wrong["examples"] == len(EXAMPLES)
-    assert right["exact_match"] == 1.0 and right["length_error"] == 0.0 == right["length_bias"]
-    assert wrong["exact_match"] == 0.0 and wrong["length_error"] == 1.0 == wrong["length_bias"]  # a wrong digit and one digit too many
-    assert right["answer_ce"] < 1e-6 < 1.0 < wrong["answer_ce"]
-
-
-def test_length_bias_keeps_the_sign_the_length_error_drops():
-    short = sample.evaluate_arithmetic(Calculator(lambda a, b: str(a * b)[:-1]), EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
-    long = sample.evaluate_arithmetic(Calculator(lambda a, b: str(a * b) + "0"), EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
-    assert short["length_error"] == long["length_error"] == 1.0  # one digit off either way
-    assert short["length_bias"] == -1.0 and long["length_bias"] == 1.0  # answers that end too early, too late
-
-
-def test_exact_match_is_broken_down_by_operand_digits():
-    one_digit_only = Calculator(lambda a, b: str(a * b) if min(a, b) < 10 else "1")
-    scores = sample.evaluate_arithmetic(one_digit_only, EXAMPLES, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
-    assert scores["exact_match_by_digits"] == {"1x1": 1.0, "2x2": 0.0}
-    assert scores["exact_match"] == 0.75  # 3 of the 4 examples are 1 x 1-digit products
-
-
-def test_exact_match_by_digits_reads_the_operands_of_either_format():
-    questions = ["12*3", "4*56", "<bos>12 x 3 ", "<bos>7 x 8 "]  # ours, and the author's `<bos>a x b = `
-    assert sample.exact_match_by_digits(questions, [True, False, True, True]) == {"1x1": 1.0, "1x2": 2 / 3}
-
-
-def test_greedy_decoding_stops_at_the_end_of_example_token():
-    model = Calculator(lambda a, b: str(a * b))
-    prompts = [ex[:ex.index(ARITH_EQ) + 1] for ex in EXAMPLES]
-    answers = sample.greedy_answers(model, prompts, ARITH_EOT, "cpu")
-    # 2*3= finishes one step before 9*9= in the same batch and then writes '7's: cut at its eot
-    assert [decode_chars(a) for a in answers] == ["6", "81", "408", "0"]
-    # prompts are batched by length; each batch stops once all its rows have written eot:
-    # {2*3=, 9*9=, 7*0=}: 2 digits + eot = 3 steps; {12*34=}: 3 digits + eot = 4 steps (not 6)
-    assert model.calls == 3 + 4
-
-
-def test_a_model_that_never_stops_is_cut_after_as_many_tokens_as_its_prompt():
-    model = Calculator(lambda a, b: "1" * 50)
-    answers = sample.greedy_answers(model, [encode_chars("2*3=")], ARITH_EOT, "cpu")
-    assert answers == [encode_chars("1111")]
-
-
-
-# products of 2, 3 and 4 digits: the first and the last digit are different digits of each
-LINES = ("9*9=81", "12*34=408", "25*40=1000")
-MULTI_DIGIT = [encode_chars("\n" + line + "\n") for line in LINES]
-PRODUCTS = [line.split("=")[1] for line in LINES]
-# the CE of a token the Calculator does not pick (it puts a logit of 20 on the one it picks)
-WRONG = -F.log_softmax(20.0 * F.one_hot(torch.tensor(0), len(ARITHMETIC_CHARS)).float(), -1)[1].item()
-FORMATS = {"ours": (ARITHMETIC_CHARS, "\n{}*{}={}\n"), "author": (AUTHOR_TOKENS, "<eos><bos>{} x {} = {}<eos>")}
-
-
-def digit_ids(vocabulary):
-    return {i for i, token in enumerate(vocabulary) if token.isdigit()}
-
-
-def scores_of(model):
-    return sample.evaluate_arithmetic(model, MULTI_DIGIT, ARITH_EQ, ARITH_EOT, decode_chars, "cpu")
-
-
-def share_with(k, products):
-    """The share of the products of k digits or more that have exactly k: those whose k-th digit from
-    either end is the digit at the other end."""
-    return sum(len(p) == k for p in products) / sum(len(p) >= k for p in products)
-
-
-# ---- Teacher-forced scores, against CEs computed token by token ----
-
-@pytest.mark.parametrize("form", ["ours", "author"])
-@pytest.mark.parametrize("batch_size", [1, 3, 256])
-def test_digit_positions_count_from_the_leading_digit_and_from_the_last_over_the_products_that_have_them(
-        form, batch_size):
-    vocabulary, template = FORMATS[form]
-    encode, _ = sample.char_tokenizer(vocabulary)
-    products = ["6", "81", "408", "1000"]
-    examples = [encode(template.format(a, b, c)) for (a, b), c in zip([(2, 3), (9, 9), (12, 34), (25, 40)], products)]
-    model = TokenModel(len(vocabulary))  # the CE of a target depends on the target token only
-    ce = {digit: model.ce(vocabulary.index(digit)) for digit in "0123456789"}
-    scores = gapt.answer_scores(model, examples, vocabulary.index("="), digit_ids(vocabulary), "cpu", batch_size)
-    from_first = [statistics.fmean(ce[p[k]] for p in products if len(p) > k) for k in range(4)]
-    from_last = [statistics.fmean(ce[p[-1 - k]] for p in products if len(p) > k) for k in range(4)]
-    assert scores["answer_ce_from_first"] == pytest.approx(from_first, rel=1e-6)
-    assert scores["answer_ce_from_last"] == pytest.approx(from_last, rel=1e-6)
-    assert from_first != pytest.approx(from_last)  # the two ends tell different digits apart
-
-
-@pytest.mark.parametrize("form", ["ours", "author"])
-def test_the_end_token_is_scored_on_its_own_and_the_answer_ce_keeps_what_it_scored(form):
-    vocabulary, template = FORMATS[form]
-    encode, _ = sample.char_tokenizer(vocabulary)
-    examples = [encode(template.format(12, 34, 408)), encode(template.format(9, 9, 81))]
-    model = TokenModel(len(vocabulary))
-    eq = vocabulary.index("=")
-    scores = gapt.answer_scores(model, examples, eq, digit_ids(vocabulary), "cpu")
-    end = vocabulary.index("\n" if form == "ours" else "<eos>")
-    assert scores["end_ce"] == pytest.approx(model.ce(end), rel=1e-6)
-    answers = [t for ex in examples for t in ex[ex.index(eq) + 1:-1]]  # the author's space after '=' too
-    assert scores["answer_ce"] == pytest.approx(sum(map(model.ce, answers)) / len(answers), rel=1e-6)
-
-
-def test_the_authors_space_after_the_equals_sign_is_no_digit_position():
-    encode, _ = sample.char_tokenizer(AUTHOR_TOKENS)
-    examples = [encode("<eos><bos>12 x 34 = 408<eos>")]
-    scores = gapt.answer_scores(TokenModel(len(AUTHOR_TOKENS)), examples, AUTHOR_TOKENS.index("="),
-                                digit_ids(AUTHOR_TOKENS), "cpu")
-    assert len(scores["answer_ce_from_first"]) == len(scores["answer_ce_from_last"]) == len("408")
-
-
-def test_the_scores_come_from_one_forward_pass_and_a_read_back_that_does_not_grow_with_the_batches(monkeypatch):
-    """Each .item(), .tolist() or .cpu() of a tensor would make the CPU wait for a GPU."""
-    reads = []
-
-    def counted(real):
-        def read(self, *args, **kwargs):
-            reads.append(sys._getframe(1).f_code.co_filename == gapt.__file__)
-            return real(self, *args, **kwargs)
-        return read
-
-    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
-    calls = []
-
-    class CountedModel(TokenModel):
-        def all_logits(self, idx):
-            calls.append(len(idx))
-            return super().all_logits(idx)
-
-    counts = []
-    for batch_size in (1, len(MULTI_DIGIT)):
-        reads.clear()
-        gapt.answer_scores(CountedModel(len(ARITHMETIC_CHARS)), MULTI_DIGIT, ARITH_EQ, digit_ids(ARITHMETIC_CHARS), "cpu",
-                           batch_size)
-        counts.append(sum(reads))
-    assert counts[0] == counts[1]
-    assert calls == [1] * len(MULTI_DIGIT) + [len(MULTI_DIGIT)]  # every example is read once per call
-
-
-# ---- Calculators that err at known digits: the teacher-forced and the greedy scores say where ----
-
-def test_a_calculator_wrong_only_in_the_last_digit_is_scored_wrong_there_and_right_everywhere_else():
-    scores = scores_of(Calculator(lambda a, b: str(a * b)[:-1] + str((a * b + 1) % 10)))
-    assert scores["answer_ce_from_last"] == pytest.approx([WRONG, 0, 0, 0], abs=1e-6)
-    # from the leading digit, the last one is the second of 81, the third of 408, the fourth of 1000
-    assert scores["answer_ce_from_first"] == pytest.approx([WRONG * share_with(k, PRODUCTS) for k in (1, 2, 3, 4)],
-                                                           abs=1e-6)
-    assert scores["end_ce"] < 1e-6
-    assert scores["last_digit_accuracy"] == 0 and scores["leading_digit_accuracy"] == 1
-    assert scores["leading_two_digits_accuracy"] == pytest.approx(2 / 3)  # 81 ends in its second digit
-
-
-def test_a_calculator_wrong_only_in_the_leading_digit_is_scored_wrong_there_and_right_everywhere_else():
-    scores = scores_of(Calculator(lambda a, b: str(int(str(a * b)[0]) % 9 + 1) + str(a * b)[1:]))
-    assert scores["answer_ce_from_first"] == pytest.approx([WRONG, 0, 0, 0], abs=1e-6)
-    assert scores["answer_ce_from_last"] == pytest.approx([WRONG * share_with(k, PRODUCTS) for k in (1, 2, 3, 4)],
-                                                          abs=1e-6)
-    assert scores["end_ce"] < 1e-6
-    assert scores["leading_digit_accuracy"] == 0 == scores["leading_two_digits_accuracy"]
-    assert scores["last_digit_accuracy"] == 1
-
-
-def test_a_calculator_right_in_every_digit_that_never_stops_is_scored_wrong_only_at_the_end_token():
-    scores = scores_of(Calculator(lambda a, b: str(a * b) + "7" * 50))
-    assert scores["end_ce"] == pytest.approx(WRONG, abs=1e-6)
-    assert max(scores["answer_ce_from_first"] + scores["answer_ce_from_last"]) < 1e-6
-    assert scores["answer_ce"] < 1e-6  # the end token is no answer digit
-    assert scores["leading_digit_accuracy"] == 1 == scores["leading_two_digits_accuracy"]
-    assert scores["exact_match"] == 0 and scores["length_bias"] > 0
-
-
-def test_a_right_calculator_gets_every_digit_right():
-    scores = scores_of(Calculator(lambda a, b: str(a * b)))
-    assert max([scores["answer_ce"], scores["end_ce"], *scores["answer_ce_from_first"],
-                *scores["answer_ce_from_last"]]) < 1e-6
-    assert len(scores["answer_ce_from_first"]) == len(scores["answer_ce_from_last"]) == max(map(len, PRODUCTS))
-    assert scores["leading_digit_accuracy"] == scores["leading_two_digits_accuracy"] == scores["last_digit_accuracy"] == 1
-
-
-def test_the_leading_two_digits_of_a_one_digit_product_are_right_only_if_the_answer_stops_after_it():
-    one_digit = [encode_chars("\n2*3=6\n")]
-    stops = sample.evaluate_arithmetic(Calculator(lambda a, b: str(a * b)), one_digit, ARITH_EQ, ARITH_EOT,
-                                       decode_chars, "cpu")
-    goes_on = sample.evaluate_arithmetic(Calculator(lambda a, b: str(a * b) + "1"), one_digit, ARITH_EQ, ARITH_EOT,
-                                         decode_chars, "cpu")
-    assert stops["leading_two_digits_accuracy"] == 1 and goes_on["leading_two_digits_accuracy"] == 0
-    assert goes_on["leading_digit_accuracy"] == 1
-
-
-class Script:
-    """Writes tokens[t + 1] at position t, whatever it reads: a model whose greedy answer is known in
-    any vocabulary (the Calculator writes ours only)."""
-
-    def __init__(self, tokens, vocab_size):
-        self.logits = 20.0 * F.one_hot(torch.tensor(tokens[1:]), vocab_size).float()  # (len(tokens) - 1, vocab)
-        self.config = gapt.GPTConfig(block_size=64)
-
-    def __call__(self, idx):
-        return self.logits[idx.size(1) - 1].expand(idx.size(0), 1, -1), None, None
-
-    def all_logits(self, idx):
-        return self.logits[:idx.size(1)].expand(idx.size(0), -1, -1)
-
-
-@pytest.mark.parametrize("written, leading, last", [(" 56", 1, 1), (" 66", 0, 1), (" 57", 1, 0)])
-def test_the_greedy_digits_of_the_authors_format_are_read_after_its_space(written, leading, last):
-    encode, decode = sample.char_tokenizer(AUTHOR_TOKENS)
-    truth = encode("<eos><bos>7 x 8 = 56<eos>")
-    model = Script(encode(f"<eos><bos>7 x 8 ={written}<eos>"), len(AUTHOR_TOKENS))
-    scores = sample.evaluate_arithmetic(model, [truth], AUTHOR_TOKENS.index("="), AUTHOR_TOKENS.index("<eos>"),
-                                        decode, "cpu")
-    assert scores["leading_digit_accuracy"] == leading and scores["last_digit_accuracy"] == last
-    assert len(scores["answer_ce_from_first"]) == 2  # 5 and 6, not the space
-
-
-# ---- The training log and sample.py, in both formats ----
-
-@pytest.fixture(scope="module")
-def author_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("author")
-    prepare_data.main(["arithmetic", "--format", "author", "--n_train", "2000", "--n_val", "50",
-                       "--data_dir", str(root / "data")])
-    return dict(data_dir=str(root / "data"), out_dir=train_tiny(root / "data", root / "out", "arithmetic"))
-
-
-@pytest.mark.parametrize("run", ["arith_run", "author_run"])
-def test_the_training_log_holds_the_teacher_forced_digit_scores_sample_py_reports(run, request, capsys):
-    run = request.getfixturevalue(run)
-    n = TINY_RUN["answer_eval_examples"]  # the examples the training log scored
-    rows = sample.main([f"--out_dir={run['out_dir']}", "--eval=arithmetic", f"--n={n}", "--device=cpu"])
-    out = capsys.readouterr().out
-    with open(os.path.join(run["out_dir"], "log.jsonl")) as f:
-        logged = [r for r in map(json.loads, f) if r.get("event") == "eval"][-1]
-    meta = prepare_data.read_meta(run["data_dir"], "arithmetic")
-    _, decode = sample.char_tokenizer(meta["tokenizer"])
-    for row in rows:
-        examples = prepare_data.answer_sets(run["data_dir"], "arithmetic", meta, n)[row["split"]][0]
-        longest = max(len(re.search(r"= ?(\d+)", decode(ex)).group(1)) for ex in examples)
-        for key in ("answer_ce_from_first", "answer_ce_from_last", "end_ce"):
-            assert row[key] == pytest.approx(logged[f"{row['split']}_{key}"], rel=1e-5)
-        assert len(row["answer_ce_from_first"]) == len(row["answer_ce_from_last"]) == longest
-        assert all(math.isfinite(v) for v in row["answer_ce_from_first"] + row["answer_ce_from_last"])
-        assert all(0 <= row[f"{digits}_accuracy"] <= 1 for digits in ("leading_digit", "leading_two_digits", "last_digit"))
-        assert f"{row['split']}_leading_digit_accuracy" not in logged  # greedy decoding is for sample.py only
-    written = json.loads(open(os.path.join(run["out_dir"], "eval_arithmetic.json")).read())
-    assert written["rows"] == rows
-    assert "| end CE | length error | length bias | leading digit | leading 2 digits | last digit |" in out
-    assert "answer CE per digit of the product, counted from the first digit" in out
-    assert "answer CE per digit of the product, counted from the last digit" in out
-
-
-# -----------------------------------------------------------------------------
-# sample.py on tiny trained checkpoints
-# -----------------------------------------------------------------------------
-def test_sampling_is_deterministic_for_a_fixed_seed_and_returns_text(arith_run):
-    args = [f"--out_dir={arith_run['out_dir']}", "--start=12*3", "--num_samples=2", "--max_new_tokens=20",
-            "--temperature=1.0", "--device=cpu", "--stop_at_end=False"]
-    first, again = sample.main(args + ["--seed=1"]), sample.main(args + ["--seed=1"])
-    assert first == again
-    assert len(first) == 2 and all(isinstance(s, str) and s.startswith("12*3") and len(s) == 24 for s in first)
-    assert sample.main(args + ["--seed=2"]) != first
-
-
-def test_sampling_reads_the_prompt_from_a_file_and_greedy_is_seed_free(arith_run, tmp_path):
-    prompt = tmp_path / "prompt.txt"
-    prompt.write_text("7*8=")
-    args = [f"--out_dir={arith_run['out_dir']}", f"--start=FILE:{prompt}", "--num_samples=1", "--max_new_tokens=5",
-            "--temperature=0", "--device=cpu"]
-    greedy = sample.main(args + ["--seed=1"])
-    assert greedy == sample.main(args + ["--seed=2"]) and greedy[0].startswith("7*8=")
-
-
-def test_a_text_checkpoint_samples_with_gpt2_bpe(text_run):
-    samples = sample.main([f"--out_dir={text_run['out_dir']}", "--start=Once upon", "--num_samples=2",
-                           "--max_new_tokens=8", "--device=cpu"])
-    assert len(samples) == 2 and all(s.startswith("Once upon") for s in samples)
-
-
-def test_eval_arithmetic_prints_and_writes_the_table(arith_run, capsys):
-    rows = sample.main([f"--out_dir={arith_run['out_dir']}", "--eval=arithmetic", "--n=6", "--device=cpu"])
-    assert [r["split"] for r in rows] == ["val", "val_ood", "test_ood"]
-    for r in rows:
-        assert r["examples"] == 6 and 0 <= r["exact_match"] <= 1 and r["answer_ce"] > 0 and r["length_error"] >= 0
-    written = json.loads(open(os.path.join(arith_run["out_dir"], "eval_arithmetic.json")).read())
-    assert written["rows"] == rows and written["dataset"] == "arithmetic" and written["iter_num"] == 3
-    assert "| val_ood | 6 |" in capsys.readouterr().out
-
-
-def test_eval_answer_ce_is_the_one_logged_in_training(arith_run):
-    """sample.py's answer CE on the first answer_eval_examples examples is gapt.py's val_answer_ce."""
-    rows = sample.main([f"--out_dir={arith_run['out_dir']}", "--eval=arithmetic", "--n=20", "--device=cpu"])
-    log = [json.loads(line) for line in open(os.path.join(arith_run["out_dir"], "log.jsonl"))]
-    logged = [row for row in log if row.get("event") == "eval"][-1]
-    assert rows[0]["answer_ce"] == pytest.approx(logged["val_answer_ce"], rel=1e-5)
-    assert rows[1]["answer_ce"] == pytest.approx(logged["val_ood_answer_ce"], rel=1e-5)
-    assert rows[2]["answer_ce"] == pytest.approx(logged["test_ood_answer_ce"], rel=1e-5)
-    assert rows[0]["answer_ce_in_context"] == pytest.approx(logged["val_answer_ce_in_context"], rel=1e-5)
-    assert "answer_ce_in_context" not in rows[1] and "val_ood_answer_ce_in_context" not in logged  # 32 < 2 x 19
-
-
-def memorizer(run, out_dir, tokens, **config):
-    """A checkpoint with run's config (changed by `config`) whose model, greedy, continues any prefix of
-    `tokens` with the rest of them: it reads positions only. Each token used embeds as a basis vector,
-    position t as (4 x) the one of tokens[t + 1], and the blocks add nothing to the residual stream."""
-    checkpoint = torch.load(os.path.join(run["out_dir"], "ckpt.pt"), weights_only=True)
-    checkpoint["config"].update(config)
-    model = gapt.GPT(gapt.GPTConfig(**{k: checkpoint["config"][k] for k in gapt.MODEL_KEYS}))
-    basis = {token: i for i, token in enumerate(sorted(set(tokens)))}
-    with torch.no_grad():
-        model.wte.weight.zero_()
-        model.wpe.weight.zero_()
-        for token, i in basis.items():
-            model.wte.weight[token, i] = 1.0
-        for t, token in enumerate(tokens[1:]):
-            model.wpe.weight[t, basis[token]] = 4.0
-        for block in model.blocks:
-            block.attn.c_proj.weight.zero_()
-            block.mlp.c_proj.weight.zero_()
-    os.makedirs(out_dir)
-    gapt.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {**checkpoint, "model": model.state_dict()})
-    return str(out_dir)
-
-
-def greedy(out_dir, *args):
-    return sample.main([f"--out_dir={out_dir}", "--temperature=0", "--num_samples=1", "--device=cpu", *args])
-
-
-def block_size(run):
-    return torch.load(os.path.join(run["out_dir"], "ckpt.pt"), weights_only=True)["config"]["block_size"]
-
-
-def examples_of(run, split, n):
-    meta = prepare_data.read_meta(run["data_dir"], "arithmetic")
-    return prepare_data.answer_sets(run["data_dir"], "arithmetic", meta, n)[split][0]
-
-
-# ---- A sample ends where the model ends its document or example ----
-
-def test_an_arithmetic_sample_ends_at_the_end_of_its_example_unless_told_to_write_on(arith_run, tmp_path):
-    tokens = encode_chars("\n7*8=56\n9*9=81\n")
-    out_dir = memorizer(arith_run, tmp_path / "out", tokens)
-    everything = f"--max_new_tokens={len(tokens) - 1}"  # the default prompt is the leading end token
-    assert greedy(out_dir, everything) == [decode_chars(tokens[1:tokens.index(tokens[0], 1)])]  # 7*8=56
-    assert greedy(out_dir, everything, "--stop_at_end=False") == [decode_chars(tokens[1:])]
-
-
-def test_a_text_sample_ends_at_the_end_of_its_document_and_prints_no_end_marker(text_run, tmp_path, capsys):
-    enc = tiktoken.get_encoding("gpt2")
-    prompt, line = enc.encode_ordinary("ROMEO:"), enc.encode_ordinary(" I am here.")
-    tokens = [*prompt, *line, enc.eot_token, *enc.encode_ordinary(" JULIET:")]
-    out_dir = memorizer(text_run, tmp_path / "out", tokens)
-    everything = f"--max_new_tokens={len(tokens) - len(prompt)}"
-    assert greedy(out_dir, "--start=ROMEO:", everything) == ["ROMEO:" + enc.decode(line)]
-    assert "<|endoftext|>" not in capsys.readouterr().out
-    assert (greedy(out_dir, "--start=ROMEO:", everything, "--stop_at_end=False")
-            == ["ROMEO:" + enc.decode(tokens[len(prompt):])])
-    assert "<|endoftext|> JULIET:" in capsys.readouterr().out
-
-
-def test_sampled_text_never_runs_through_the_end_of_an_example(arith_run):
-    samples = sample.main([f"--out_dir={arith_run['out_dir']}", "--start=12*3", "--num_samples=8",
-                           "--max_new_tokens=30", "--temperature=2.0", "--device=cpu"])
-    assert len(samples) == 8 and not any("\n" in s for s in samples)
-
-
-def author_data(tmp_path):
-    prepare_data.main(["arithmetic", "--format", "author", "--n_train", "100", "--n_val", "20",
-                       "--data_dir", str(tmp_path / "author")])
-    return str(tmp_path / "author")
-
-
-def test_the_default_prompt_starts_an_example_of_the_authors_format_and_spelled_tokens_are_read(arith_run, tmp_path):
-    bos, eos = AUTHOR_TOKENS.index("<bos>"), AUTHOR_TOKENS.index("<eos>")
-    example = [bos] + [AUTHOR_TOKENS.index(c) for c in "7 x 8 = 56"] + [eos]
-    out_dir = memorizer(arith_run, tmp_path / "out", [eos, *example], vocab_size=len(AUTHOR_TOKENS),
-                        data_dir=author_data(tmp_path))
-    text = "".join(AUTHOR_TOKENS[i] for i in example[:-1])  # <bos>7 x 8 = 56
-    assert greedy(out_dir) == [text]
-    question = "<eos>" + text[:text.index("=") + 2]  # <eos><bos>7 x 8 = : one position per token
-    assert greedy(out_dir, f"--start={question}") == ["<eos>" + text]
-
-
-def test_a_prompt_outside_the_authors_vocabulary_is_told_the_characters_it_can_use(arith_run, tmp_path):
-    out_dir = memorizer(arith_run, tmp_path / "out", [0, 1], vocab_size=len(AUTHOR_TOKENS),
-                        data_dir=author_data(tmp_path))
-    with pytest.raises(SystemExit) as stop:
-        greedy(out_dir, "--start=12+3")
-    message = str(stop.value.code)
-    assert "'+'" in message and repr("".join(c for c in AUTHOR_TOKENS if len(c) == 1)) in message
-    assert "<bos><eos>" not in message
-
-
-# ---- Greedy decoding and the prompt ----
-
-def test_greedy_decoding_prints_one_sample_and_says_why(arith_run, capsys):
-    samples = sample.main([f"--out_dir={arith_run['out_dir']}", "--start=12*3", "--num_samples=3",
-                           "--temperature=0", "--device=cpu"])
-    out = capsys.readouterr().out
-    assert len(samples) == 1 and out.count("---------------") == 1
-    assert "greedily, which gives one sample, not 3" in out
-
-
-def test_a_prompt_file_is_read_without_the_newline_that_ends_it(arith_run, tmp_path):
-    prompt = tmp_path / "prompt.txt"
-    prompt.write_text("12*3=\n")
-    assert greedy(arith_run["out_dir"], f"--start=FILE:{prompt}") == greedy(arith_run["out_dir"], "--start=12*3=")
-
-
-def test_a_prompt_longer_than_the_models_window_is_said_to_be_cut(arith_run, capsys):
-    prompt = "1*2=2\n" * 10
-    greedy(arith_run["out_dir"], f"--start={prompt}", "--max_new_tokens=1")
-    out = capsys.readouterr().out
-    assert f"the prompt is {len(prompt)} tokens; the model reads only the last {block_size(arith_run)}" in out
-
-
-# ---- --eval=arithmetic says what it scored, and why a number is missing ----
-
-def evaluate(run, n, capsys):
-    rows = sample.main([f"--out_dir={run['out_dir']}", "--eval=arithmetic", f"--n={n}", "--device=cpu"])
-    return rows, capsys.readouterr().out
-
-
-def test_eval_with_n_beyond_a_split_says_how_many_examples_it_scored(arith_run, capsys):
-    held = len(examples_of(arith_run, "val", 10**9))
-    rows, out = evaluate(arith_run, 100 * held, capsys)
-    assert all(r["examples"] == held for r in rows)
-    assert f"first {held} examples of val" in out and f"n={100 * held} is capped" in out
-    assert f"{100 * held} examples" not in out
-
-
-def test_eval_says_why_the_answer_ce_in_context_is_missing(arith_run, capsys):
-    rows, out = evaluate(arith_run, 6, capsys)
-    longest = max(len(ex) for ex in examples_of(arith_run, "val_ood", 6)) - 1  # in the stream: no leading eot
-    assert "answer_ce_in_context" in rows[0] and "val: no answer CE in context" not in out
-    assert "answer_ce_in_context" not in rows[1]
-    assert (f"val_ood: no answer CE in context: the model's window ({block_size(arith_run)} tokens) must hold "
-            f"two of the longest examples ({longest} tokens each)") in out
-    rows, out = evaluate(arith_run, 1, capsys)
-    assert "answer_ce_in_context" not in rows[0]
-    assert "val: no answer CE in context: the examples scored fill less than one window" in out
-
-
-def test_eval_into_a_folder_it_cannot_write_stops_before_scoring(arith_run, tmp_path, monkeypatch, capsys):
-    run = tmp_path / "run"
-    run.mkdir()
-    shutil.copy(os.path.join(arith_run["out_dir"], "ckpt.pt"), run)
-    monkeypatch.setattr(sample.os, "access", lambda path, mode: False)  # as a read-only folder answers
-    with pytest.raises(SystemExit, match="is not writable; copy the run"):
-        sample.main([f"--out_dir={run}", "--eval=arithmetic", "--device=cpu"])
-    assert capsys.readouterr().out == "" and os.listdir(run) == ["ckpt.pt"]
-
-
-# ---- Bad input: one line naming the problem and the fix, before anything is generated or written ----
-
-@pytest.mark.parametrize("args, message", [
-    (["--out_dir={run}/ckpt.pt"], "is a file; point --out_dir at the folder of a run"),
-    (["--start=FILE:"], "--start=FILE: names no file"),
-    (["--start=FILE:{empty}"], "is empty; write the prompt into it"),
-    (["--seed=18446744073709551616"], r"seed must be in \[0, 2\*\*64\)"),
-    (["--device=cuda"], "no CUDA device; use --device=cpu"),
-    (["--eval=arithmetic", "--n=0"], "n must be positive"),
-    (["--eval=arithmetic", "--temperature=0"], "reads no sampling option, but got --temperature"),
-    (["--n=5"], "--n=5 counts the examples of --eval=arithmetic"),
-    (["--out_dir={foreign}"], "the checkpoint was trained on another dataset; point --data_dir"),
-    (["--out_dir={foreign}", "--eval=arithmetic"], "the checkpoint was trained on another dataset; point --data_dir"),
-])
-def test_bad_input_stops_with_one_line_and_writes_nothing(arith_run, tmp_path, monkeypatch, args, message):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without CUDA
-    run = tmp_path / "run"
-    run.mkdir()
-    shutil.copy(os.path.join(arith_run["out_dir"], "ckpt.pt"), run)
-    (tmp_path / "empty.txt").write_text("")
-    # the author's vocabulary has 15 tokens, ours 13: a model of 15 cannot read our data
-    foreign = memorizer(arith_run, tmp_path / "foreign", [0, 1], vocab_size=len(AUTHOR_TOKENS))
-    paths = dict(run=run, empty=tmp_path / "empty.txt", foreign=foreign)
-    with pytest.raises(SystemExit, match=message) as stop:
-        sample.main([f"--out_dir={run}", "--device=cpu", *(a.format(**paths) for a in args)])
-    assert "\n" not in str(stop.value.code)
-    assert os.listdir(run) == ["ckpt.pt"] and os.listdir(foreign) == ["ckpt.pt"]
-
-
-@pytest.mark.parametrize("damage, message", [
-    ("truncated", "is not a readable checkpoint"), ("foreign", "is not a gapt.py checkpoint"),
-    ("other weights", "weights do not fit"), ("config without its model keys", "no config\\['n_layer'\\]"),
-])
-def test_a_damaged_checkpoint_tells_the_sampler_how_to_train_one(arith_run, tmp_path, damage, message):
-    path = tmp_path / "ckpt.pt"
-    checkpoint = torch.load(os.path.join(arith_run["out_dir"], "ckpt.pt"), weights_only=True)
-    if damage == "truncated":
-        path.write_bytes(open(os.path.join(arith_run["out_dir"], "ckpt.pt"), "rb").read()[:2000])
-    elif damage == "foreign":
-        torch.save(dict(weights=torch.zeros(3)), path)
-    elif damage == "other weights":
-        torch.save({**checkpoint, "config": {**checkpoint["config"], "n_layer": 4}}, path)  # a block the weights lack
-    else:
-        torch.save({**checkpoint, "config": {k: v for k, v in checkpoint["config"].items() if k != "n_layer"}}, path)
-    with pytest.raises(SystemExit, match=message) as stopped:
-        sample.main([f"--out_dir={tmp_path}", "--device=cpu"])
-    assert f"train one with python gapt.py --out_dir={tmp_path}" in str(stopped.value.code)
-    assert "init_from" not in str(stopped.value.code)
-
-
-# -----------------------------------------------------------------------------
-# Bad inputs: each stops with a message naming the problem
-# -----------------------------------------------------------------------------
-@pytest.mark.parametrize("args, message", [
-    (["--out_dir={tmp}/nowhere"], "no checkpoint at"),
-    (["--out_dir={text}", "--eval=arithmetic"], "needs a model trained on arithmetic data"),
-    (["--out_dir={arith}", "--start=12+3="], "outside the model's vocabulary: '+'"),
-    (["--out_dir={arith}", "--eval=arithmetic", "--data_dir={tmp}"], "--eval=arithmetic needs"),
-    (["--out_dir={arith}", "--data_dir={tmp}"], "too small for GPT-2 BPE"),
-    (["--out_dir={arith}", "--start=FILE:{tmp}/missing.txt"], "prompt file"),
-    (["--out_dir={arith}", "--eval=geometry"], "eval must be"),
-    (["--out_dir={arith}", "--colour=blue"], "unknown config key 'colour'"),
-    (["--out_dir={arith}", "--n", "5"], "write overrides as --key=value"),
-    (["--out_dir={arith}", "--num_samples=0"], "num_samples must be positive"),
-])
-def test_bad_input_stops_with_a_clear_message(arith_run, text_run, tmp_path, args, message):
-    paths = dict(tmp=tmp_path, arith=arith_run["out_dir"], text=text_run["out_dir"])
-    with pytest.raises(SystemExit) as stop:
-        sample.main([a.format(**paths) for a in args] + ["--device=cpu"])
-    assert message in str(stop.value.code)
-
-
-def test_the_dataset_without_val_ood_is_named(arith_run, tmp_path):
-    data = tmp_path / "data" / "arithmetic"
-    data.mkdir(parents=True)
-    source = os.path.join(arith_run["data_dir"], "arithmetic")
-    for name in ("meta.json", "val.bin"):
-        (data / name).write_bytes(open(os.path.join(source, name), "rb").read())
-    with pytest.raises(SystemExit, match="has no .*val_ood.bin; prepare it with: python prepare_data.py arithmetic"):
-        sample.main([f"--out_dir={arith_run['out_dir']}", "--eval=arithmetic", f"--data_dir={tmp_path / 'data'}"])
-
-
-@pytest.mark.parametrize("arg, message", [
-    ("--colour=blue", "sample.py: unknown config key 'colour'"),
-    ("--top_k=0", "sample.py: no checkpoint at"),
-])
-def test_command_line_errors_exit_nonzero_naming_sample_py(tmp_path, arg, message):
-    done = run_program([sys.executable, os.path.abspath(sample.__file__), f"--out_dir={tmp_path}", arg], timeout=120)
-    assert done.returncode != 0 and message in done.stderr
 
 
 # -----------------------------------------------------------------------------
@@ -3056,8 +3049,7 @@ def test_the_summary_gives_the_all_block_mbe_beside_the_regularized_one_also_for
 def test_the_summary_has_a_table_per_block_for_each_spectrum_measure_logged(tmp_path):
     for name, mode, share in (("b1", "baseline", 0.5), ("g1", "gapt", 0.75)):
         write_run_log(tmp_path / name, mode, 1, val_mbe_blocks=[1.0, 0.5])
-        with open(tmp_path / name / "log.jsonl") as f:
-            rows = [json.loads(line) for line in f]
+        rows = log_rows(tmp_path / name)
         rows[-1].update(val_top_share_blocks=[share, share], val_mbe_centred_blocks=[1.5, 1.5])
         with open(tmp_path / name / "log.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -3070,8 +3062,7 @@ def test_the_summary_has_a_table_per_block_for_each_spectrum_measure_logged(tmp_
 def test_the_summary_reports_the_alignment_cosine_per_window_and_its_sign_changes(tmp_path):
     for name, cosines in (("b1", [0.2, -0.1, -0.3, -0.5]), ("b2", [0.4, 0.1, -0.1, 0.3])):
         write_run_log(tmp_path / name, "baseline", 1)
-        with open(tmp_path / name / "log.jsonl") as f:
-            rows = [json.loads(line) for line in f]
+        rows = log_rows(tmp_path / name)
         rows[0]["config"]["eval_interval"] = 10
         rows += [dict(iter=5 * i, align_cos=c) for i, c in enumerate(cosines)]
         with open(tmp_path / name / "log.jsonl", "w") as f:
@@ -3180,7 +3171,7 @@ def numbers(cell):
     return [float(n) for n in re.findall(r"[+-]\d+\.\d+", cell)]
 
 
-# ---- Paired changes over seeds ----
+# ---- paired changes over seeds ----
 
 @pytest.mark.parametrize("df", [*range(1, 31), 31, 40, 100, 1000])
 def test_the_t_quantile_is_student_t_at_97_5_percent_for_every_degree_of_freedom(df):
@@ -3264,7 +3255,29 @@ def test_the_threshold_of_a_learned_task_and_the_alignment_window_are_checked():
             gapt.parse_config(["--runs=out", arg], report.DEFAULTS, report.RULES)
 
 
-# ---- Bad inputs: one line naming the problem and the fix, and nothing written ----
+def test_the_digit_level_scores_of_sample_py_are_paired_and_the_length_bias_is_correlated_within_seed(tmp_path):
+    """What the OOD answer CE mixes, apart: the end token, the leading and the last digit, the length bias;
+    each paired by seed from eval_arithmetic.json, and the length bias's link to the answer CE measured on
+    the pairs' differences, where no seed effect is left."""
+    bias = {("b", 1): -1.0, ("g", 1): -3.0, ("b", 2): -0.5, ("g", 2): -0.5, ("b", 3): -2.0, ("g", 3): -1.0}
+    ood = {("b", 1): 3.0, ("g", 1): 4.0, ("b", 2): 2.0, ("g", 2): 2.1, ("b", 3): 3.5, ("g", 3): 3.0}
+    for (arm, seed), length_bias in bias.items():
+        out_dir = tmp_path / f"{arm}{seed}"
+        write_run_log(out_dir, dict(b="baseline", g="gapt")[arm], seed, ood[arm, seed])
+        ood_row = dict(split="val_ood", exact_match=0.0, end_ce=seed / 10, length_bias=length_bias,
+                       answer_ce_from_first=[seed / 4, 9.0], answer_ce_from_last=[seed / 2, 9.0],
+                       leading_digit_accuracy=0.5, last_digit_accuracy=0.1 * seed * (arm == "g"))
+        with open(out_dir / "eval_arithmetic.json", "w") as f:
+            json.dump(dict(rows=[dict(split="val", exact_match=0.5), ood_row]), f)
+    table = report.summarize_runs([str(tmp_path / f"{arm}{seed}") for arm, seed in bias])
+    assert paired_row(table, "gapt", "val_ood_length_bias")[3] == "1: -2.0000, 2: +0.0000, 3: +1.0000"
+    assert paired_row(table, "gapt", "val_ood_last_digit_accuracy")[3] == "1: +0.1000, 2: +0.2000, 3: +0.3000"
+    for key in ("val_ood_end_ce", "val_ood_leading_digit_ce", "val_ood_last_digit_ce"):  # the same in both arms
+        assert paired_row(table, "gapt", key)[3] == "1: +0.0000, 2: +0.0000, 3: +0.0000"
+    r = np.corrcoef([-2.0, 0.0, 1.0], [1.0, 0.1, -0.5])[0, 1]
+    assert f"over 3 seeds of the change in val_ood_length_bias with the change in val_ood_answer_ce: r = {r:+.2f}" in table
+
+# ---- bad inputs: one line naming the problem and the fix, and nothing written ----
 
 FORGETTING = [("forgetting.json", "{}")]
 BAD_INPUTS = {  # what the user gives: (its arguments from a tmp_path, the message it stops with)
@@ -3343,7 +3356,7 @@ def test_a_run_resumed_with_another_setting_is_labelled_by_each_value_it_ran_wit
     assert report.setting_labels(runs) == ["gapt lambda 1.0", "gapt lambda 0.1 -> 1.0"]
 
 
-# ---- The figure's file and title, the tables' header and single runs ----
+# ---- the figure's file and title, the tables' header and single runs ----
 
 @needs_matplotlib
 def test_the_figure_goes_into_the_first_runs_folder_unless_file_says_otherwise(tmp_path, monkeypatch, capsys):
@@ -3387,3 +3400,230 @@ def test_the_figure_shades_and_titles_compression_phases_only_when_there_were_so
     plt.close(fig)
 
 
+# -----------------------------------------------------------------------------
+# The GPU check (experiments/gpu_check.py)
+# -----------------------------------------------------------------------------
+def test_the_gpu_check_runs_the_benchmark_and_every_arithmetic_mode_in_its_smoke_version(tmp_path, capsys):
+    prepare_data.main(["arithmetic", "--n_train", "2000", "--n_val", "100", "--data_dir", str(tmp_path / "data")])
+    cfg = gapt.parse_config([f"--out_dir={tmp_path / 'check'}", f"--data_dir={tmp_path / 'data'}", "--device=cpu",
+                             "--smoke=True", "--bench_steps=1", "--bench_rounds=1", "--arith_iters=10"],
+                            gpu_check.DEFAULTS)
+    result = gpu_check.run_gpu_check(cfg)
+    saved = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
+    assert saved["bench"]["rows"] == result["bench"]["rows"] and list(saved["arithmetic"]) == list(gpu_check.MODES)
+    compressing = {mode: m["compressing"] for mode, m in result["arithmetic"].items()}
+    assert compressing["baseline"] == 0 and compressing["iblm"] == 1 and 0 < compressing["gapt"] < 1
+    assert all(math.isfinite(m["val_ood_answer_ce"]) for m in result["arithmetic"].values())
+    assert "| baseline tok/s |" in capsys.readouterr().out
+
+
+def smoke_check_config(tmp_path, *args):
+    return gpu_check.load_config([f"--out_dir={tmp_path / 'check'}", f"--data_dir={tmp_path / 'data'}",
+                                  "--device=cpu", "--smoke=True", *args])
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--bench_steps=0", "bench_steps must be positive"), ("--bench_rounds=-1", "bench_rounds must be positive"),
+    ("--arith_iters=0", "arith_iters must be positive"), ("--data_dir=", "data_dir must be a non-empty path")])
+def test_a_gpu_check_value_its_key_cannot_take_stops_naming_the_gpu_checks_own_key(tmp_path, arg, message):
+    with pytest.raises(SystemExit, match=message):
+        smoke_check_config(tmp_path, arg)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device=tpu"], "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'tpu'"),
+    ([], r"dataset 'arithmetic' has no .*train.bin; prepare it with: python prepare_data.py arithmetic")])
+def test_the_gpu_check_stops_on_a_bad_device_or_missing_data_before_the_benchmark_writes_anything(tmp_path, args,
+                                                                                                  message):
+    with pytest.raises(SystemExit, match=message):
+        gpu_check.run_gpu_check(smoke_check_config(tmp_path, *args))
+    assert not (tmp_path / "check").exists()
+
+
+@pytest.mark.parametrize("left_there, message", [
+    ("check", r"out_dir .* is not a writable folder\); choose another --out_dir"),
+    ("check/arith-gapt/ckpt.pt",
+     r"out_dir .* holds an earlier check .*arith-gapt/ckpt.pt\): choose another --out_dir, or delete")])
+def test_the_gpu_check_stops_before_the_benchmark_on_an_out_dir_that_is_a_file_or_holds_an_earlier_check(
+        tmp_path, left_there, message):
+    (tmp_path / left_there).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / left_there).write_text("left there")
+    with pytest.raises(SystemExit, match=message):
+        gpu_check.run_gpu_check(smoke_check_config(tmp_path))
+    assert not (tmp_path / "check" / "bench").exists()
+
+
+def test_the_gpu_check_without_its_data_exits_non_zero_with_one_line_and_writes_nothing(tmp_path):
+    done = run_program([sys.executable, "-m", "experiments.gpu_check", "--device=cpu", "--smoke=True",
+                        f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'check'}"], timeout=300, cwd=HERE)
+    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith("gpu_check.py: dataset 'arithmetic' has no ")
+    assert not (tmp_path / "check").exists()
+
+
+# -----------------------------------------------------------------------------
+# The launch check and the thread measurement (experiments/launch_check.py, experiments/threads.py)
+# -----------------------------------------------------------------------------
+@pytest.mark.parametrize("program, arg, message", [
+    ("launch_check", "--steps=0", "steps must be positive"), ("launch_check", "--dtype=float16", "dtype must be one of"),
+    ("threads", "--toy_steps=-1", "toy_steps must be positive"),
+    ("threads", "--thread_counts=1,two", "thread_counts must be positive counts, comma-separated")])
+def test_the_checks_and_the_thread_measurement_refuse_bad_keys_before_any_work(program, arg, message):
+    module = dict(launch_check=launch_check, threads=threads)[program]
+    with pytest.raises(SystemExit, match=message):
+        gapt.parse_config([arg], module.DEFAULTS, module.RULES)
+
+
+# -----------------------------------------------------------------------------
+# Speed against nanoGPT (experiments/vs_nanogpt.py): a fake nanoGPT checkout, no network
+# -----------------------------------------------------------------------------
+FAKE_NANOGPT = """
+import os, sys, time
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+assert os.path.isfile("configurator.py") and os.path.isfile(f"data/{args['dataset']}/train.bin"), os.getcwd()
+print(f"pid {os.getpid()}", flush=True)
+mode = os.environ.get("FAKE_MODE", "")
+if mode == "hang":
+    import subprocess
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a grandchild in its session
+print("step 0: train loss 10.8470, val loss 10.8417")
+for i in range(int(args["max_iters"]) + 1):  # nanoGPT runs iterations 0..max_iters
+    print(f"iter {i}: loss 10.8481, time {100 + i}.00ms, mfu -100.00%", flush=True)
+    if mode == "hang":
+        time.sleep(60)
+if mode == "crash":
+    raise SystemExit("train.py: out of luck")
+"""
+
+
+def live_processes_in_group(group):
+    """Pids of the processes of a process group that still run (Linux /proc)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state, _, pgrp = f.read().rsplit(")", 1)[1].split()[:3]
+        except OSError:
+            continue
+        if int(pgrp) == group and state != "Z":
+            pids.append(int(pid))
+    return pids
+
+
+def fake_nanogpt(tmp_path):
+    folder = tmp_path / "nanoGPT"
+    folder.mkdir()
+    (folder / "train.py").write_text(FAKE_NANOGPT)
+    (folder / "configurator.py").write_text("")
+    return folder
+
+
+def vs_config(tmp_path, **overrides):
+    settings = dict(nanogpt_dir=fake_nanogpt(tmp_path), data_dir=tmp_path / "data", dataset="tiny",
+                    out_dir=tmp_path / "out", steps=5, warmup=2)
+    settings.update(overrides)
+    return vs_nanogpt.load_config([f"--{k}={v}" for k, v in settings.items()])
+
+
+def test_vs_nanogpt_reads_nanogpts_step_times_from_its_own_working_folder(tmp_path, data):
+    cfg = vs_config(tmp_path)
+    os.makedirs(cfg.out_dir)
+    steps = vs_nanogpt.run_once(cfg, "nanogpt", str(tmp_path / "out" / "nanogpt-round1"))
+    assert [ms for ms, _ in steps] == [102.0, 103.0, 104.0]  # 5 steps, the first 2 left out
+    assert all(cpu is None or cpu >= 0 for _, cpu in steps)
+    assert not os.path.exists(tmp_path / "out" / "nanogpt-round1")  # only its output is kept
+    assert "iter 4:" in (tmp_path / "out" / "nanogpt-round1.txt").read_text()
+
+
+def test_vs_nanogpt_runs_gapt_with_no_mbe_computed_and_reads_its_step_times(tmp_path):
+    write_dataset(str(tmp_path / "data"))
+    cfg = vs_config(tmp_path, n_layer=1, n_head=1, n_embd=8, block_size=8, batch_size=2, steps=3, warmup=1)
+    os.makedirs(cfg.out_dir)
+    steps = vs_nanogpt.run_once(cfg, "gapt_no_mbe", str(tmp_path / "out" / "gapt_no_mbe-round1"))
+    assert len(steps) == 2 and all(ms > 0 for ms, _ in steps)
+    output = (tmp_path / "out" / "gapt_no_mbe-round1.txt").read_text()
+    assert "| mbe 0.0000 |" in output and "event eval" in output  # MBE replaced by a zero; evaluated after the steps
+
+
+def test_vs_nanogpt_gives_both_programs_the_same_model_and_gapt_no_evaluation_or_probe_between_steps(tmp_path, data):
+    cfg = vs_config(tmp_path)
+    argv = {name: vs_nanogpt.commands(cfg, name, str(tmp_path / "run"))[0] for name in vs_nanogpt.VARIANTS}
+    shared = {f"--{k}={cfg[k]}" for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "bias")}
+    shared |= {"--dropout=0.0", "--dtype=float32", "--compile=False", "--device=cpu", "--gradient_accumulation_steps=1"}
+    for name, command in argv.items():
+        assert shared <= set(command), name
+    assert "--max_iters=4" in argv["nanogpt"] and "--max_iters=5" in argv["gapt"]  # 5 steps each
+    assert {"--mode=baseline", "--align_interval=0", "--eval_interval=1000000000"} <= set(argv["gapt"])
+    assert argv["gapt_no_mbe"][1] == "-c" and argv["gapt_no_mbe"][3:] == argv["gapt"][2:]
+
+
+def test_vs_nanogpt_alternates_the_variants_and_reports_ratios_per_round_and_overall(tmp_path, data, monkeypatch):
+    order = []
+    ms = dict(nanogpt=100.0, gapt=80.0, gapt_no_mbe=78.0)
+
+    def fake_run(cfg, name, run_dir):
+        order.append(name)
+        return [(ms[name], 2 * ms[name])] * 3
+
+    monkeypatch.setattr(vs_nanogpt, "run_once", fake_run)
+    write_dataset(str(tmp_path / "data"), name="bpe", vocab_size=50257)  # GPT-2's: 50304 in both programs
+    rows = vs_nanogpt.main(vs_config(tmp_path, rounds=3, dataset="bpe"))
+    forward = ["nanogpt", "gapt", "gapt_no_mbe"]
+    assert order == forward + forward[::-1] + forward
+    assert [r["round"] for r in rows] == [1, 2, 3, "all"]
+    for row in rows:
+        assert row["speed_vs_nanogpt_ms"] == row["speed_vs_nanogpt_cpu_ms"] == 1.25
+        assert row["mbe_overhead_ms"] == round(80 / 78, 4)
+    saved = json.loads((tmp_path / "out" / "vs_nanogpt.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and len(saved["steps"]) == 3
+
+
+def test_vs_nanogpt_stops_with_the_output_when_a_program_fails(tmp_path, data, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "crash")
+    cfg = vs_config(tmp_path)
+    os.makedirs(cfg.out_dir)
+    message = stops(vs_nanogpt.run_once, cfg, "nanogpt", str(tmp_path / "out" / "nanogpt-round1"))
+    assert "nanogpt exited with 1 after 5 of 5 steps" in message and "out of luck" in message
+    assert "nanogpt-round1.txt" in message
+
+
+def test_vs_nanogpt_kills_the_program_and_what_it_started_when_interrupted(tmp_path, data, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "hang")
+    calls = []
+
+    def interrupt_at_the_first_step(pid):  # called once at the start, then at each step's line
+        calls.append(pid)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(vs_nanogpt, "cpu_seconds", interrupt_at_the_first_step)
+    cfg = vs_config(tmp_path)
+    os.makedirs(cfg.out_dir)
+    with pytest.raises(KeyboardInterrupt):
+        vs_nanogpt.run_once(cfg, "nanogpt", str(tmp_path / "out" / "nanogpt-round1"))
+    session = int((tmp_path / "out" / "nanogpt-round1.txt").read_text().split()[1])
+    for _ in range(50):  # the whole session goes, the sleeping grandchild too (zombies aside)
+        if not live_processes_in_group(session):
+            break
+        time.sleep(0.05)
+    assert not live_processes_in_group(session)
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(nanogpt_dir="nowhere"), "holds no nanoGPT train.py"),
+    (dict(warmup=5), "warmup (5) must be less than steps (5)"),
+    (dict(dataset="missing"), "missing/train.bin not found"),
+    (dict(dataset="tiny"), "gives gapt a vocabulary of 32"),  # a GPT-2 vocabulary is 50304 in both
+    (dict(n_head=3), "n_embd (128) must be a multiple of n_head (3)"),
+])
+def test_vs_nanogpt_stops_on_bad_input_naming_the_fix(tmp_path, data, override, message):
+    cfg = vs_config(tmp_path)
+    cfg.update({k: str(tmp_path / v) if k == "nanogpt_dir" else v for k, v in override.items()})
+    assert message in stops(vs_nanogpt.main, cfg)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_vs_nanogpt_rejects_unknown_keys_and_wrong_types():
+    assert "unknown config key 'max_iters'" in stops(vs_nanogpt.load_config, ["--max_iters=3"])
+    assert "rounds must be positive" in stops(vs_nanogpt.load_config, ["--rounds=0"])
+    assert "steps must be int" in stops(vs_nanogpt.load_config, ["--steps=many"])

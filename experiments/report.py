@@ -232,6 +232,8 @@ SUMMARY_KEYS = ("val_ce", "min_val_ce", "val_mbe", "val_mbe_all", "val_answer_ce
 SELECTED_KEYS_NOTE = ("min_*: the lowest over the run's evaluations, not the final one; *_at_min_test_ood: at the "
                       "evaluation with the lowest test_ood answer CE (early stopping on an OOD test split, the "
                       "author's leak, measured)")
+DIGIT_KEYS = ("exact_match", "end_ce", "length_bias", "leading_digit_accuracy", "leading_two_digits_accuracy",
+              "last_digit_accuracy")  # read from sample.py's eval_arithmetic.json, per split
 BLOCK_TABLES = {  # per-block lists in the eval rows, and what each table shows
     "val_mbe_blocks": "validation MBE of each block's output",
     "val_mbe_centred_blocks": "validation MBE of each block's patches with their mean token removed",
@@ -265,7 +267,11 @@ def final_metrics(out_dir, rows):
     if os.path.exists(path):
         result = read_json(path, ("rows",),
                            f"rerun python sample.py --eval=arithmetic --out_dir={out_dir}, or delete it")
-        metrics.update({f"{row['split']}_exact_match": row["exact_match"] for row in result["rows"]})
+        for row in result["rows"]:  # the greedy answers' scores, and item by item what the answer CE mixes
+            metrics.update({f"{row['split']}_{key}": row[key] for key in DIGIT_KEYS if key in row})
+            if row.get("answer_ce_from_first"):  # the CE of the product's leading and last digit
+                metrics.update({f"{row['split']}_leading_digit_ce": row["answer_ce_from_first"][0],
+                                f"{row['split']}_last_digit_ce": row["answer_ce_from_last"][0]})
     return metrics
 
 
@@ -357,7 +363,11 @@ def mean_and_interval(values, fmt):
 
 
 PAIRED_KEYS = ("val_ce", "min_val_ce", "val_mbe_all", "val_ood_answer_ce", "val_ood_answer_ce_in_context",
-               "val_exact_match", "val_ood_exact_match")
+               "val_exact_match", "val_ood_exact_match",
+               # what the OOD answer CE mixes, apart (sample.py --eval=arithmetic): does the model know where
+               # the product ends, or its digits?
+               "val_ood_end_ce", "val_ood_leading_digit_ce", "val_ood_last_digit_ce", "val_ood_length_bias",
+               "val_ood_leading_digit_accuracy", "val_ood_last_digit_accuracy")
 
 
 def runs_by_seed(runs):
@@ -403,6 +413,13 @@ def paired_table(evaluated, reference, learned_exact_match):
             per_seed = ", ".join(f"{s}: {c:+.4f}" for s, c in zip(seeds, changes))
             lines.append(f"| {label} | {len(pairs)} | {informative} | {key} | {per_seed} | "
                          f"{mean_and_interval(changes, '{:+.4f}')} | {relative} |")
+        bias, ce = "val_ood_length_bias", "val_ood_answer_ce"
+        if len(pairs) >= 3 and all(bias in m and ce in m for pair in pairs for m in pair):
+            # within seed: a pair's difference has no seed effect left, so this asks whether the runs
+            # whose answers end earlier than their baseline's also pay more OOD answer CE
+            r = np.corrcoef([a[bias] - b[bias] for b, a in pairs], [a[ce] - b[ce] for b, a in pairs])[0, 1]
+            notes.append(f"{label} vs {reference}, within seed: the correlation over {len(pairs)} seeds of the change "
+                         f"in {bias} with the change in {ce}: r = {r:+.2f}")
     return lines if len(lines) > 2 else [], notes
 
 
