@@ -3482,6 +3482,7 @@ import os, sys, time
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
 assert os.path.isfile("configurator.py") and os.path.isfile(f"data/{args['dataset']}/train.bin"), os.getcwd()
 print(f"pid {os.getpid()}", flush=True)
+print(f"malloc {os.environ.get('MALLOC_MMAP_MAX_')} {os.environ.get('MALLOC_TRIM_THRESHOLD_')}")
 mode = os.environ.get("FAKE_MODE", "")
 if mode == "hang":
     import subprocess
@@ -3533,6 +3534,16 @@ def test_vs_nanogpt_reads_nanogpts_step_times_from_its_own_working_folder(tmp_pa
     assert all(cpu is None or cpu >= 0 for _, cpu in steps)
     assert not os.path.exists(tmp_path / "out" / "nanogpt-round1")  # only its output is kept
     assert "iter 4:" in (tmp_path / "out" / "nanogpt-round1.txt").read_text()
+
+
+@pytest.mark.parametrize("same_allocator, line", [(False, "malloc None None"), (True, f"malloc 0 {2 ** 31 - 1}")])
+def test_vs_nanogpt_gives_nanogpt_gapts_allocator_setting_when_asked(tmp_path, data, same_allocator, line, monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    cfg = vs_config(tmp_path, same_allocator=same_allocator)
+    os.makedirs(cfg.out_dir)
+    vs_nanogpt.run_once(cfg, "nanogpt", str(tmp_path / "out" / "nanogpt-round1"))
+    assert line in (tmp_path / "out" / "nanogpt-round1.txt").read_text().splitlines()
 
 
 def test_vs_nanogpt_runs_gapt_with_no_mbe_computed_and_reads_its_step_times(tmp_path):

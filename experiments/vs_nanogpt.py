@@ -7,6 +7,7 @@ evaluation between the timed steps and the vocabulary of 50304 (GPT-2's, padded)
 
     python -m experiments.vs_nanogpt --nanogpt_dir=../nanoGPT                       # Tiny Shakespeare, 4 x 128
     python -m experiments.vs_nanogpt --nanogpt_dir=../nanoGPT --rounds=6 --steps=15 --threads=2
+    python -m experiments.vs_nanogpt --nanogpt_dir=../nanoGPT --same_allocator=True  # what the allocator gives
 
 Per step it reads each program's own step time (nanoGPT's "time ... ms", gapt's ms_per_step; the first
 `warmup` steps of a run are left out) and, on Linux, the CPU time the process used between two step lines,
@@ -42,6 +43,7 @@ DEFAULTS = dict(
     steps=12,  # optimizer steps per run
     warmup=2,  # first steps of each run left out of the timings
     rounds=3,  # rounds; in each, every variant runs once
+    same_allocator=False,  # True: nanoGPT runs with gapt.py's glibc setting too (keep_freed_memory), through its env vars
     out_dir="out-vs-nanogpt",  # the runs' outputs and vs_nanogpt.json
 )
 RULES = {**gapt.rule(lambda v: v > 0, "positive", ("n_layer", "n_head", "n_embd", "block_size", "batch_size",
@@ -96,6 +98,8 @@ def run_once(cfg, name, run_dir):
     shutil.rmtree(run_dir, ignore_errors=True)  # left by a measurement that was killed
     argv, cwd = commands(cfg, name, run_dir)
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), PYTHONUNBUFFERED="1")
+    if name == "nanogpt" and cfg.same_allocator:  # glibc reads them at start: what gapt.py sets with mallopt
+        env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2 ** 31 - 1))
     pattern = STEP_LINES["nanogpt" if name == "nanogpt" else "gapt"]
     steps, output = [], []
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
