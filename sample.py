@@ -170,8 +170,11 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token
         if temperature == 0:
             next_token = logits.argmax(dim=-1, keepdim=True)
         else:
-            # the largest logit becomes 0 first, so that no temperature, however small, overflows it
-            logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+            # the largest logit becomes 0 first, so that no temperature, however small, overflows it; and
+            # none is below float32's smallest normal number, which a CPU that flushes denormals (as after
+            # torch.compile's fast-math kernels were loaded) would read as 0, and 0 / 0 is NaN
+            tiny = torch.finfo(logits.dtype).tiny
+            logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, tiny)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits[logits < kth] = -float("inf")
