@@ -360,9 +360,8 @@ class GAPT:
 
 
 def phase_and_weight(mode, mbe_weight, gate):
-    """The phase of the next step and its lambda, decided here only: baseline always memorizes
-    (phase 1, no MBE term), iblm always compresses (phase 2, lambda), gapt follows its gate. The
-    gate's phase stays a device tensor, and so does its lambda: reading them never waits for a GPU."""
+    """The next step's phase and lambda, decided here only: baseline memorizes (phase 1, no MBE term), iblm
+    compresses (phase 2), gapt follows its gate, whose phase and lambda stay device tensors (no sync)."""
     if mode == "baseline":
         return 1, 0.0
     if mode == "iblm":
@@ -383,11 +382,10 @@ def cosine(a_parts, b_parts):
 
 
 def gradient_alignment(model, X, Y, skip_first, skip_last, autocast_ctx):
-    """Global and per-block cosines on one micro-batch. autograd.grad returns the gradients instead
-    of accumulating them into .grad, and runs none of DDP's gradient hooks, so no rank starts a
-    collective the others never join; the forward pass is the plain module's, not DDP's. The RNG is
-    forked so dropout draws nothing from the training stream: training is exactly as without it.
-    Blocks above the regularized ones get no MBE gradient; their cosine is None."""
+    """Global and per-block cosines on one micro-batch. autograd.grad returns the gradients instead of
+    filling .grad and runs none of DDP's hooks (the plain module's forward), so no rank starts a collective
+    the others never join; the forked RNG leaves training exactly as without it. Blocks above the
+    regularized ones get no MBE gradient: their cosine is None."""
     params = [p for p in model.parameters() if p.requires_grad]
     devices = [X.device] if X.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -409,10 +407,9 @@ def gradient_alignment(model, X, Y, skip_first, skip_last, autocast_ctx):
 # Data: random windows from data_dir/<dataset>/<split>.bin (uint16 tokens, see prepare_data.py).
 # -----------------------------------------------------------------------------
 def draw_step_windows(generator, n_tokens, micro_steps, batch_size, block_size, rank, world_size):
-    """Start positions (micro_steps, batch_size) of this rank's windows for one optimizer step.
-    Every rank draws the whole step's windows from one generator with the same seed and keeps its
-    own rows: ranks see different data, and the run is the same as a single process with the
-    same global batch (tested), whatever the number of processes."""
+    """Start positions (micro_steps, batch_size) of this rank's windows for one optimizer step. Every rank
+    draws the whole step's windows from one generator and keeps its own rows: the run is the same as a
+    single process with the same global batch (tested), whatever the number of processes."""
     starts = torch.randint(n_tokens - block_size, (micro_steps * world_size, batch_size), generator=generator)
     return starts[rank::world_size].numpy()  # host indices: reading them never waits for a GPU
 
@@ -505,9 +502,8 @@ def learning_rate(it, cfg):
 
 
 def train_step(model, optimizer, starts, weight, cfg, train_path, autocast_ctx, dist_info):
-    """One optimizer step over this rank's micro-batches (starts: (micro_steps, batch_size)).
-    Returns the step's [ce, mbe_reg], averaged over micro-batches and ranks, still on the device
-    (unpacking them into two names reads nothing back)."""
+    """One optimizer step over this rank's micro-batches (starts: (micro_steps, batch_size)); returns
+    [ce, mbe_reg] averaged over micro-batches and ranks, on the device (unpacking them reads nothing back)."""
     micro_steps = len(starts)
     stats = torch.zeros(2, device=dist_info.device)
     X, Y = load_windows(train_path, starts[0], cfg.block_size, dist_info.device)
@@ -858,9 +854,8 @@ def shutdown_distributed(dist_info):
 
 
 def set_threads(threads):
-    """torch's default, a thread per core, makes a CPU run crawl as soon as anything else runs: its
-    threads wait for each other at every operation (measured in experiments/README.md, "Threads").
-    Auto leaves one core to the rest of the machine; torchrun's OMP_NUM_THREADS, or yours, wins."""
+    """torch's thread per core makes a CPU run crawl once anything else runs (experiments/README.md,
+    "Threads"): auto leaves one core to the machine; torchrun's OMP_NUM_THREADS, or yours, wins."""
     if threads == 0:
         if "OMP_NUM_THREADS" in os.environ:
             return
@@ -895,8 +890,7 @@ def all_reduce_mean(tensor, dist_info):
 
 
 def gather_from_ranks(tensor, dist_info):
-    """Every rank's copy of a tensor of the same shape, on the CPU (all_gather_object would send
-    tensors it frees itself: see shutdown_distributed)."""
+    """Every rank's copy of a same-shaped tensor, on the CPU (not all_gather_object: see shutdown_distributed)."""
     if not dist_info.ddp:
         return [tensor]
     tensor = tensor.to(dist_info.device)
@@ -997,8 +991,7 @@ def remove_if_exists(path):
 
 
 def load_checkpoint(path, device, fix="start again with --init_from=scratch"):
-    """A checkpoint gapt.py wrote, or a one-line error saying what is wrong with the file and, in fix,
-    what the program reading it can do (sample.py says how to train one)."""
+    """A checkpoint gapt.py wrote, or a one-line error: what is wrong with the file, then `fix`."""
     if not os.path.exists(path):
         stop(f"init_from=resume but there is no checkpoint at {path}; "
              f"start a new run with --init_from=scratch or point --out_dir at the run to resume")
@@ -1028,8 +1021,7 @@ def load_weights(model, state, fix="start again with --init_from=scratch"):
 
 
 def say_what_changed_since(checkpoint, cfg):
-    """Resuming with another mode, lambda or schedule is allowed (a second phase of training, a longer
-    run), but never silently: one line names every setting that differs from the checkpoint's."""
+    """Resuming with other settings is allowed, never silently: one line names every one that changed."""
     saved = checkpoint["config"]
     changed = [f"{key} {saved[key]!r} -> {cfg[key]!r}" for key in cfg
                if key != "init_from" and key in saved and saved[key] != cfg[key]]
@@ -1039,8 +1031,7 @@ def say_what_changed_since(checkpoint, cfg):
 
 
 def rng_states(data_gen, dist_info):
-    """Every rank's RNG states (torch, data stream and CUDA), one dict per rank: each is a uint8
-    tensor of a fixed size, so the ranks send them as one concatenated tensor."""
+    """Every rank's RNG states (torch, data, CUDA), one dict per rank, sent as one uint8 tensor per rank."""
     states = dict(torch=torch.get_rng_state(), data=data_gen.get_state())
     if dist_info.device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(dist_info.device)
@@ -1050,8 +1041,8 @@ def rng_states(data_gen, dist_info):
 
 
 def restore_run(checkpoint, model, optimizer, gate, data_gen, dist_info):
-    """Load a checkpoint's state into the fresh run, each rank its own RNG streams; returns
-    (iter_num, best_val_loss, the phase of the checkpointed step: None in checkpoints before it was saved)."""
+    """A checkpoint's state into the fresh run, each rank its own RNG streams; returns (iter_num,
+    best_val_loss, the checkpointed step's phase: None in checkpoints older than that key)."""
     if checkpoint is None:
         return 0, math.inf, None
     load_weights(model, checkpoint["model"])
@@ -1111,8 +1102,7 @@ def check_out_dir(cfg):
 
 
 def check_writable(out_dir):
-    """out_dir must be a folder we can write, or one we can make: the nearest existing path on the way
-    must be a writable folder, not a file. The experiments check their out_dir with it too."""
+    """out_dir, or the nearest existing folder on its way, must be a writable folder (the experiments' too)."""
     existing = os.path.abspath(out_dir)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -1125,8 +1115,7 @@ def check_writable(out_dir):
 # alignment measurement and phase change
 # -----------------------------------------------------------------------------
 def start_log(cfg, dist_info, iter_num, model, micro_steps):
-    """A new run starts a new log; a resumed one keeps its rows up to its checkpoint's evaluation row
-    (the steps after it are about to run, and be logged, again)."""
+    """A new run starts a new log; a resumed one keeps its rows up to its checkpoint's evaluation."""
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if dist_info.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -1158,9 +1147,8 @@ def read_log(path):
 
 
 def read_back_steps(history, phases, resumed_phase, cfg, log_path, dist_info):
-    """The losses and phases of the steps since the last log, read from the device in one sync:
-    each step's loss is checked, each phase change gets its row (the first step of a resumed run is
-    compared with the checkpointed step's phase), and the last step's row is returned."""
+    """The steps since the last log, read back in one sync: each loss is checked, each phase change gets
+    its row (a resumed run's first step against the checkpointed phase); returns the last step's row."""
     values = torch.stack([torch.stack([ce, mbe_reg, torch.as_tensor(phase).to(ce)])
                           for _, _, ce, mbe_reg, phase in history]).tolist()  # (steps, 3): the one sync
     previous = phases[-1] if phases else resumed_phase
