@@ -691,9 +691,10 @@ def test_gapt_trains_and_scores_answers_on_the_author_format(tmp_path):
 
 
 def test_the_pydocs_config_trains_on_a_corpus_of_documents_prepared_by_prepare_data(tmp_path):
-    """config/pydocs.py (the paper's ~2.3-epoch text regime) on a small local corpus of one document
-    per file, prepared as its header says: it trains, evaluates the all-block MBE and measures the
-    alignment, with the gate's patience at 7% of the run and the cosine decay ending with it."""
+    """config/pydocs.py after config/shakespeare.py (the paper's ~2.3-pass text regime, the Shakespeare
+    model) on a small local corpus of one document per file, prepared as its header says: it trains,
+    evaluates the all-block MBE and measures the alignment, with the gate's patience at 7% of the run
+    and the cosine decay ending with it."""
     docs = tmp_path / "docs"
     docs.mkdir()
     text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
@@ -703,11 +704,12 @@ def test_the_pydocs_config_trains_on_a_corpus_of_documents_prepared_by_prepare_d
                        f"--data_dir={tmp_path / 'data'}"])
     meta = json.loads((tmp_path / "data" / "pydocs" / "meta.json").read_text())
     assert meta["tokens"]["val"] > 0 and meta["tokens"]["train"] > 4 * meta["tokens"]["val"]
-    cfg = gapt.load_config([os.path.join(HERE, "config", "pydocs.py"), f"--data_dir={tmp_path / 'data'}",
+    configs = [os.path.join(HERE, "config", name) for name in ("shakespeare.py", "pydocs.py")]
+    cfg = gapt.load_config([*configs, f"--data_dir={tmp_path / 'data'}",
                             f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
                             "--align_interval=1", "--log_interval=1", "--mode=gapt", "--threads=1",
                             "--batch_size=2"])  # the config's model, a smaller batch: seconds, not a minute
-    full = gapt.load_config([os.path.join(HERE, "config", "pydocs.py")])
+    full = gapt.load_config(configs)
     assert full.lr_decay_iters == full.max_iters and 0 < full.warmup_iters < full.max_iters // 10
     assert full.patience_mem == full.patience_comp == round(0.07 * full.max_iters)
     gapt.train(cfg)

@@ -1,24 +1,15 @@
 # The paper's text regime at laptop scale: about 2.3 passes over a real corpus, where a model sees its
 # data twice and starts to memorize (the paper: 1750 steps over 0.8B FineWeb tokens, GPT-2 124M).
-# The corpus is the Python 3.11 library reference, Debian's python3.11-doc package (317 documents,
-# 1.80M train + 0.28M val GPT-2 tokens, one document per file); with internet, the same size of FineWeb
-# is the equivalent (experiments/README.md, "Python docs"). Each step reads 16 x 128 = 2,048 tokens;
-# 2000 steps read 4.1M: 2.28 passes over train.
+# The model is config/shakespeare.py's, which this file amends (put it after that one). The corpus is
+# the Python 3.11 library reference from Debian's python3.11-doc package: 317 documents, 1.80M train +
+# 0.28M val GPT-2 tokens, one document per file; with internet, the same amount of FineWeb is the
+# equivalent (experiments/README.md, "The paper's text regime"). 2000 steps of 16 x 128 = 2,048 tokens
+# read 4.1M: 2.28 passes over train.
 #   sudo apt-get install python3.11-doc
 #   python prepare_data.py text --files='/usr/share/doc/python3.11/html/_sources/library/*.rst.txt' --dataset=pydocs --sample_by=document
-#   python gapt.py config/pydocs.py --mode=baseline --seed=1 --out_dir=out-pydocs-baseline-1
+#   python gapt.py config/shakespeare.py config/pydocs.py --mode=baseline --seed=1 --out_dir=out-pydocs-baseline-1
 dataset = "pydocs"
-device = "cpu"
-compile = False  # compiling a small model costs more than it saves on a CPU run this short
-n_layer = 6  # blocks 2 and 3 are regularized (mbe_skip_first = mbe_skip_last = 2)
-n_head = 4
-n_embd = 128
-block_size = 128
-batch_size = 16
-gradient_accumulation_steps = 1
-dropout = 0.0  # the paper's runs use none: memorization is what the regime is about
-learning_rate = 2e-3
-min_lr = 2e-4
+out_dir = "out-pydocs"
 max_iters = 2000
 lr_decay_iters = 2000
 warmup_iters = 100  # 5% of the run, the default config's share (100 of 1750)
