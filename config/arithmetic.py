@@ -1,7 +1,7 @@
 # Arithmetic OOD generalization at laptop scale (the paper's experiment (b)): train on a*b=c with
 # 1-3 digit operands, report answer CE and exact match on val (1-3) and val_ood (4-6) at fixed steps.
 # Two runs side by side, one thread each, take about 21 min each on the 2-core Intel Xeon VM of 2026-11-30
-# and 40-45 min on the 2-core AMD EPYC VM of 2026-12-01/02; one run alone on both cores, about half.
+# and 30-31 min on the 2-core AMD EPYC VM of 2026-12-07 (40-45 min there on 2026-12-01/02, beside other jobs).
 #   python prepare_data.py arithmetic
 #   python gapt.py config/arithmetic.py --mode=baseline --seed=1 --out_dir=out-arith-baseline-1
 #   python gapt.py config/arithmetic.py --mode=gapt --seed=1 --out_dir=out-arith-gapt-1

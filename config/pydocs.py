@@ -14,8 +14,6 @@ max_iters = 2000
 lr_decay_iters = 2000
 warmup_iters = 100  # 5% of the run, the default config's share (100 of 1750)
 eval_interval = 100
-eval_iters = 20  # 20 x 2,048 validation tokens per evaluation
-log_interval = 20
 align_interval = 20
 # the gate's patience at 7% of the run, as the paper's 125 of 1750 steps
 patience_mem = 140
