@@ -3279,6 +3279,37 @@ def test_the_digit_level_scores_of_sample_py_are_paired_and_the_length_bias_is_c
     r = np.corrcoef([-2.0, 0.0, 1.0], [1.0, 0.1, -0.5])[0, 1]
     assert f"over 3 seeds of the change in val_ood_length_bias with the change in val_ood_answer_ce: r = {r:+.2f}" in table
 
+
+def write_text_log(out_dir, mode, seed, val_ces, compress_at=()):
+    """A text run's log: evaluations at steps 0, 10, 20, ... with these validation CEs (train CE 1 below
+    each), and a compression phase starting at each step of compress_at (gapt)."""
+    os.makedirs(out_dir)
+    rows = [dict(event="start", iter=0, config=dict(mode=mode, seed=seed))]
+    rows += [dict(iter=it, event="phase_change", phase=2) for it in compress_at]
+    rows += [dict(iter=10 * i, event="eval", val_ce=v, train_ce=v - 1.0) for i, v in enumerate(val_ces)]
+    (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(out_dir)
+
+
+def test_text_runs_report_where_validation_ce_was_lowest_and_whether_compression_came_before_it(tmp_path):
+    """The paper's text regime: the claim is about the best model of a run that memorizes. So: the step
+    of the lowest validation CE, how far it rose after, and whether any compression came before it."""
+    runs = [write_text_log(tmp_path / "b1", "baseline", 1, [5.0, 4.0, 4.5]),        # lowest at 10, rises 0.5
+            write_text_log(tmp_path / "g1", "gapt", 1, [5.0, 4.0, 4.4], compress_at=[15]),  # after the lowest
+            write_text_log(tmp_path / "g2", "gapt", 2, [5.0, 4.2, 4.0], compress_at=[5]),   # before it
+            write_text_log(tmp_path / "b2", "baseline", 2, [5.0, 4.1, 3.9]),        # still learning at the end
+            write_text_log(tmp_path / "i1", "iblm", 1, [5.0, 4.6, 4.3])]            # compresses from step 0
+    metrics = {os.path.basename(d): report.final_metrics(d, report.read_run(d)[1]) for d in runs}
+    assert [metrics[n]["min_val_ce_iter"] for n in ("b1", "g1", "g2", "b2", "i1")] == [10, 10, 20, 20, 20]
+    assert metrics["b1"]["val_ce_rise"] == pytest.approx(0.5) and metrics["b2"]["val_ce_rise"] == 0
+    assert metrics["b1"]["val_train_gap"] == pytest.approx(1.0)
+    assert [metrics[n]["compressed_before_min"] for n in ("b1", "g1", "g2", "i1")] == [0, 0, 1, 1]
+    table = report.summarize_runs(runs)
+    # informative only where every baseline of the pairs memorized: seed 1 did, seed 2 did not
+    assert paired_row(table, "gapt", "min_val_ce_iter")[:4] == ["2", "no (1/2 memorized)", "min_val_ce_iter",
+                                                              "1: +0.0000, 2: +0.0000"]
+    assert paired_row(table, "iblm", "min_val_ce")[:2] == ["1", "yes"]
+
 # ---- bad inputs: one line naming the problem and the fix, and nothing written ----
 
 FORGETTING = [("forgetting.json", "{}")]
