@@ -373,7 +373,7 @@ def mean_and_interval(values, fmt):
 
 
 PAIRED_KEYS = ("val_ce", "min_val_ce", "min_val_ce_iter", "val_mbe_all", "val_ood_answer_ce", "val_ood_answer_ce_in_context",
-               "val_exact_match", "val_ood_exact_match",
+               "val_answer_ce", "val_exact_match", "val_ood_exact_match",
                # what the OOD answer CE mixes, apart (sample.py --eval=arithmetic): does the model know where
                # the product ends, or its digits?
                "val_ood_end_ce", "val_ood_leading_digit_ce", "val_ood_last_digit_ce", "val_ood_length_bias",
