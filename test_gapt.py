@@ -3310,6 +3310,24 @@ def test_text_runs_report_where_validation_ce_was_lowest_and_whether_compression
                                                               "1: +0.0000, 2: +0.0000"]
     assert paired_row(table, "iblm", "min_val_ce")[:2] == ["1", "yes"]
 
+def test_the_report_says_how_soon_batch_noise_alone_ends_a_compression_phase(tmp_path):
+    """The tau rule ends a compression phase at the first step whose training CE is (1 + tau) times the
+    phase's lowest: a CE that is noisy from batch to batch (few tokens per step) ends it within a few
+    steps without any real rise, a quiet one never does."""
+    def metrics(name, spread):
+        z = np.random.default_rng(1).standard_normal(400)
+        rows = [dict(event="start", iter=0, config=dict(mode="gapt", seed=1, warmup_iters=0, tau=0.1, patience_comp=100))]
+        rows += [dict(iter=10 * i, phase=1, ce=3.0 * math.exp(spread * v), mbe=1.0) for i, v in enumerate(z, 1)]
+        rows += [dict(iter=it, event="phase_change", phase=p) for it, p in ((1000, 2), (1006, 1), (3000, 2), (3010, 1))]
+        rows.append(dict(iter=4000, event="eval", val_ce=3.0, train_ce=3.0))
+        return report.final_metrics(str(tmp_path / name), rows)
+    noisy, quiet = metrics("noisy", 0.08), metrics("quiet", 0.002)
+    assert noisy["gate_ce_noise"] == pytest.approx(0.08, rel=0.15)
+    assert quiet["gate_ce_noise"] == pytest.approx(0.002, rel=0.15)
+    assert 2 <= noisy["noise_phase_steps"] <= 6 and quiet["noise_phase_steps"] == 100  # patience_comp
+    assert noisy["compression_phase_steps"] == pytest.approx(8)  # phases of 6 and 10 steps
+
+
 # ---- bad inputs: one line naming the problem and the fix, and nothing written ----
 
 FORGETTING = [("forgetting.json", "{}")]

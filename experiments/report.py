@@ -229,12 +229,16 @@ def plot_forgetting(json_path):
 SUMMARY_KEYS = ("val_ce", "min_val_ce", "val_mbe", "val_mbe_all", "val_answer_ce", "val_ood_answer_ce",
                 "val_answer_ce_in_context", "val_ood_answer_ce_in_context", "val_exact_match", "val_ood_exact_match",
                 "min_test_ood_answer_ce", "val_ood_answer_ce_at_min_test_ood", "compressing", "compression_phases",
-                "min_val_ce_iter", "val_ce_rise", "val_train_gap", "compressed_before_min")
+                "min_val_ce_iter", "val_ce_rise", "val_train_gap", "compressed_before_min", "compression_phase_steps",
+                "gate_ce_noise", "noise_phase_steps")
 SELECTED_KEYS_NOTE = ("min_*: the lowest over the run's evaluations, not the final one, min_val_ce_iter its step; "
                       "val_ce_rise: final minus lowest val CE (> 0: the run overfits); val_train_gap: final val minus "
                       "train CE; compressed_before_min: 1 if the run compressed before its lowest val CE; "
                       "*_at_min_test_ood: at the evaluation with the lowest test_ood answer CE (early stopping on an "
-                      "OOD test split, the author's leak, measured)")
+                      "OOD test split, the author's leak, measured); compression_phase_steps: the mean length of "
+                      "the run's compression phases; gate_ce_noise: the step-to-step relative spread of the training "
+                      "CE the gate reads; noise_phase_steps: the median length of a compression phase that this noise "
+                      "alone ends by the tau rule (simulated on a flat CE)")
 DIGIT_KEYS = ("exact_match", "end_ce", "length_bias", "leading_digit_accuracy", "leading_two_digits_accuracy",
               "last_digit_accuracy")  # read from sample.py's eval_arithmetic.json, per split
 BLOCK_TABLES = {  # per-block lists in the eval rows, and what each table shows
@@ -267,6 +271,8 @@ def final_metrics(out_dir, rows):
     spans = compression_spans(rows, last["iter"])
     metrics["compressing"] = dict(baseline=0.0, iblm=1.0).get(mode, sum(b - a for a, b in spans) / last["iter"])
     metrics["compression_phases"] = dict(baseline=0, iblm=1).get(mode, len(spans))
+    metrics["compression_phase_steps"] = metrics["compressing"] * last["iter"] / max(1, metrics["compression_phases"])
+    metrics.update(gate_noise(rows))
     # the paper's claim is on the best model: could compression have shaped it, or did it come after?
     first = dict(baseline=None, iblm=0).get(mode, spans[0][0] if spans else None)
     metrics["compressed_before_min"] = float(first is not None and first < lowest["iter"])
@@ -283,6 +289,26 @@ def final_metrics(out_dir, rows):
                 metrics.update({f"{row['split']}_leading_digit_ce": row["answer_ce_from_first"][0],
                                 f"{row['split']}_last_digit_ce": row["answer_ce_from_last"][0]})
     return metrics
+
+
+def gate_noise(rows, trials=2000):
+    """How soon the tau rule ends a compression phase on batch noise alone. The gate reads one step's
+    training CE, whose spread from batch to batch shrinks with the tokens per step (the paper's steps
+    read 500 times ours); a phase ends at the first CE above (1 + tau) times the phase's lowest, so a
+    noisy CE ends it within a few steps without any real rise. The spread comes from the logged
+    memorization-phase CEs after warmup (their step-to-step log-ratio has twice the variance of one CE's);
+    the phase length from `trials` simulated phases of a flat CE with that spread. {} for too short a log."""
+    config = start_config(rows)
+    warmup, tau, patience = (config.get(k, DEFAULTS_OF_GAPT[k]) for k in ("warmup_iters", "tau", "patience_comp"))
+    logged = [(r["ce"], r["phase"]) for r in rows if "ce" in r and "event" not in r and r["iter"] > warmup]
+    ratios = [math.log(b / a) for (a, p), (b, q) in zip(logged, logged[1:]) if p == q == 1]
+    if len(ratios) < 10:
+        return {}
+    spread = float(np.std(ratios, ddof=1) / math.sqrt(2))
+    ce = np.exp(spread * np.random.default_rng(0).standard_normal((trials, patience)))  # (trials, steps)
+    spike = ce > (1 + tau) * np.minimum.accumulate(ce, axis=1)
+    lengths = np.where(spike.any(axis=1), spike.argmax(axis=1) + 1, patience)
+    return dict(gate_ce_noise=spread, noise_phase_steps=float(np.median(lengths)))
 
 
 def reference_row(labels):
