@@ -1,16 +1,18 @@
 """
-sample.py: sample text from a model trained by gapt.py, or measure its arithmetic.
+sample.py: sample text from a model trained by gapt.py, or measure it.
 
     python sample.py --out_dir=out --start="The meaning of life is" --num_samples=3
     python sample.py --out_dir=out-arith --start=FILE:prompt.txt --temperature=0
     python sample.py --out_dir=out-arith --eval=arithmetic --n=1000
+    python sample.py --out_dir=out --eval=val
 
 The tokenizer is the one of the dataset the checkpoint was trained on (its meta.json): GPT-2 BPE
 for text, the character vocabulary for arithmetic. A sample ends where the model ends its document
 or example, at the dataset's end token (--stop_at_end=False writes on through). --eval=arithmetic
 decodes the answer of every prompt `a*b=` greedily, in distribution (val, 1-3 digit operands) and
-out of distribution (val_ood, 4-6 digits): the paper's generalization result. Options are
---key=value, as in gapt.py.
+out of distribution (val_ood, 4-6 digits): the paper's generalization result. --eval=val measures
+the validation CE and MBE over the whole val split, where training's log reads eval_iters batches
+of it. Options are --key=value, as in gapt.py.
 """
 
 import json
@@ -19,10 +21,13 @@ import os
 import re
 import shlex
 import sys
+import time
 
+import numpy as np
 import tiktoken
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import gapt
 import prepare_data
@@ -44,10 +49,10 @@ SAMPLE_DEFAULTS = dict(
     top_k=200,  # sample among the top_k most likely tokens only; 0 = among all
     seed=1337,  # the same seed gives the same samples
     # evaluation instead of sampling
-    eval="",  # 'arithmetic': exact match and answer CE on val and val_ood, written to out_dir
-    n=1000,  # --eval: the first n examples of each split (all of a split that holds fewer)
+    eval="",  # 'arithmetic': exact match and answer CE on val and val_ood; 'val': CE and MBE of the whole val split
+    n=1000,  # --eval=arithmetic: the first n examples of each split (all of a split that holds fewer)
 )
-# --eval=arithmetic reads none of these
+# --eval reads none of these
 SAMPLING_KEYS = ("start", "num_samples", "max_new_tokens", "stop_at_end", "temperature", "top_k", "seed")
 
 
@@ -56,19 +61,19 @@ SAMPLE_RULES = {
     **gapt.rule(lambda v: v >= 0, ">= 0 (temperature 0 is greedy, top_k 0 samples among all tokens)",
                 ("temperature", "top_k")),
     **gapt.rule(lambda v: 0 <= v < 2**64, "in [0, 2**64), the seeds torch takes", ("seed",)),
-    **gapt.rule(lambda v: v in ("", "arithmetic"), "'' (sample) or 'arithmetic'", ("eval",)),
+    **gapt.rule(lambda v: v in ("", "arithmetic", "val"), "'' (sample), 'arithmetic' or 'val'", ("eval",)),
 }
 
 
 def load_sample_config(argv):
     cfg = gapt.parse_config(argv, SAMPLE_DEFAULTS, SAMPLE_RULES)
     # an option the chosen mode never reads would change nothing: say so rather than ignore it
-    unread = [key for key in (SAMPLING_KEYS if cfg.eval else ("n",)) if cfg[key] != SAMPLE_DEFAULTS[key]]
-    if unread and cfg.eval:
-        stop(f"--eval=arithmetic decodes greedily and reads no sampling option, but got --{unread[0]}; "
-             f"drop it, or leave out --eval to sample")
+    unread = [key for key in SAMPLING_KEYS if cfg.eval and cfg[key] != SAMPLE_DEFAULTS[key]]
     if unread:
-        stop(f"--n={cfg.n} counts the examples of --eval=arithmetic; add --eval=arithmetic or drop --n")
+        stop(f"--eval={cfg.eval} reads no sampling option, but got --{unread[0]}; "
+             f"drop it, or leave out --eval to sample")
+    if cfg.eval != "arithmetic" and cfg.n != SAMPLE_DEFAULTS["n"]:
+        stop(f"--n={cfg.n} counts the examples of --eval=arithmetic; use --eval=arithmetic or drop --n")
     return cfg
 
 
@@ -295,6 +300,29 @@ def load_arithmetic_splits(data_dir, dataset, meta, n, checkpoint_path):
     return answer_sets  # val and val_ood both, checked (answer_sets stops on a missing or damaged one)
 
 
+# -----------------------------------------------------------------------------
+# Validation evaluation: CE and MBE over the whole val split
+# -----------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_split(model, tokens, device, batch_size=16):
+    """The mean CE and each block's patch MBE over consecutive windows of tokens (a numpy array), the
+    tail shorter than a window left out. Training's log reads eval_iters random batches instead: the
+    same ones for every run of a seed, so runs of a seed compare alike, but other seeds read other text."""
+    T = model.config.block_size
+    n = (len(tokens) - 1) // T
+    x = torch.from_numpy(tokens[:n * T].astype(np.int64)).view(n, T)  # (windows, T)
+    y = torch.from_numpy(tokens[1:n * T + 1].astype(np.int64)).view(n, T)  # each window's next tokens
+    sums = torch.zeros(1 + model.config.n_layer, device=device)  # [ce, MBE of each block], window-weighted
+    with tqdm(total=n, unit="window", desc="val", leave=False) as bar:
+        for first in range(0, n, batch_size):
+            rows = slice(first, first + batch_size)
+            _, ce, mbe_blocks = model(x[rows].to(device), y[rows].to(device))
+            sums += torch.cat([ce.view(1), mbe_blocks]) * len(x[rows])
+            bar.update(len(x[rows]))
+    means = (sums / n).tolist()  # sync
+    return dict(tokens=n * T, ce=means[0], mbe_all=sum(means[1:]) / len(means[1:]), mbe_blocks=means[1:])
+
+
 def format_table(rows):
     """A Markdown table: readable in a terminal, and pasted as is into the README."""
     lines = ["| split | examples | exact match | answer CE | answer CE in context | end CE | length error | length bias "
@@ -316,8 +344,24 @@ def format_table(rows):
 # -----------------------------------------------------------------------------
 # Entry point
 # -----------------------------------------------------------------------------
+def writable_result(out_dir, name):
+    """The path an evaluation writes its result to, checked before any scoring."""
+    path = os.path.join(out_dir, name)
+    if not os.access(out_dir, os.W_OK):
+        stop(f"cannot write {path}: {out_dir} is not writable; copy the run to a folder you can write")
+    return path
+
+
+def write_result(path, argv, checkpoint, dataset, result):
+    with open(path, "w") as f:
+        json.dump(dict(command=shlex.join(["python", "sample.py", *argv]), iter_num=checkpoint["iter_num"],
+                       dataset=dataset, **result), f, indent=2)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
-    """Prints samples (returns their text) or the arithmetic table (returns its rows)."""
+    """Prints samples (returns their text), the arithmetic table (returns its rows) or the validation
+    CE and MBE (returns them)."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = load_sample_config(argv)
     device = gapt.check_device(cfg.device)
@@ -330,9 +374,7 @@ def main(argv=None):
 
     if cfg.eval == "arithmetic":
         checkpoint_path = os.path.join(cfg.out_dir, "ckpt.pt")
-        result_path = os.path.join(cfg.out_dir, "eval_arithmetic.json")
-        if not os.access(cfg.out_dir, os.W_OK):
-            stop(f"cannot write {result_path}: {cfg.out_dir} is not writable; copy the run to a folder you can write")
+        result_path = writable_result(cfg.out_dir, "eval_arithmetic.json")
         answer_sets = load_arithmetic_splits(data_dir, dataset, meta, cfg.n, checkpoint_path)
         _, decode, eot_token = tokenizer_for(meta, model, meta_path)
         sizes = {split: len(examples) for split, (examples, _) in answer_sets.items()}
@@ -348,11 +390,21 @@ def main(argv=None):
             if "answer_ce_in_context" not in row:
                 print(f"{row['split']}: no answer CE in context: "
                       f"{why_no_answer_ce_in_context(examples, model.config.block_size)}")
-        with open(result_path, "w") as f:
-            json.dump(dict(command=shlex.join(["python", "sample.py", *argv]), iter_num=checkpoint["iter_num"],
-                           dataset=dataset, rows=rows), f, indent=2)
-        print(f"wrote {result_path}")
+        write_result(result_path, argv, checkpoint, dataset, dict(rows=rows))
         return rows
+
+    if cfg.eval == "val":
+        result_path = writable_result(cfg.out_dir, "eval_val.json")
+        path = prepare_data.check_split(data_dir, dataset, "val", model.config.block_size, meta)
+        print(f"{os.path.join(cfg.out_dir, 'ckpt.pt')} (iter {checkpoint['iter_num']}): CE and MBE over {path}")
+        if device.type == "cpu":
+            gapt.keep_freed_memory()  # each batch frees and allocates its logits again
+        t0 = time.time()
+        result = evaluate_split(model, np.fromfile(path, dtype=np.uint16), device)
+        print(f"{result['tokens']:,} tokens: CE {result['ce']:.4f}, MBE of all blocks {result['mbe_all']:.4f} "
+              f"(blocks {' '.join(f'{v:.4f}' for v in result['mbe_blocks'])}); {time.time() - t0:.0f} s")
+        write_result(result_path, argv, checkpoint, dataset, result)
+        return result
 
     encode, decode, eot_token = tokenizer_for(meta, model, meta_path)
     prompt_ids = encode(prompt) if prompt else [eot_token]  # a document or example starts after an end token

@@ -2253,6 +2253,31 @@ def test_eval_answer_ce_is_the_one_logged_in_training(arith_run):
     assert "answer_ce_in_context" not in rows[1] and "val_ood_answer_ce_in_context" not in logged  # 32 < 2 x 19
 
 
+def test_eval_val_scores_every_whole_window_of_the_val_split_once(text_run, capsys):
+    """The whole split in consecutive windows, the tail shorter than a window left out, each window
+    weighted alike however the batches split them: the CE over all its next tokens at once, and each
+    block's patch MBE as training's log defines it."""
+    result = sample.main([f"--out_dir={text_run['out_dir']}", "--eval=val", "--device=cpu"])
+    model, _ = sample.load_model(text_run["out_dir"], "cpu")
+    tokens = np.fromfile(os.path.join(text_run["data_dir"], "story", "val.bin"), dtype=np.uint16).astype(np.int64)
+    T = model.config.block_size
+    n = (len(tokens) - 1) // T
+    assert n >= 4 and result["tokens"] == n * T  # 150 tokens: four windows of 32, and a tail
+    x = torch.from_numpy(tokens[:n * T]).view(n, T)
+    y = torch.from_numpy(tokens[1:n * T + 1]).view(n, T)
+    with torch.no_grad():
+        ce = F.cross_entropy(model.all_logits(x).flatten(0, 1), y.flatten())
+        _, measures = model.trunk(x, lambda h: gapt.patch_spectrum(h, model.config.patch_size)[0])
+    assert result["ce"] == pytest.approx(ce.item(), rel=1e-5)
+    assert result["mbe_blocks"] == pytest.approx([m.item() for m in measures], rel=1e-4)
+    assert result["mbe_all"] == pytest.approx(np.mean(result["mbe_blocks"]))
+    unequal_batches = sample.evaluate_split(model, tokens, "cpu", batch_size=3)  # 3 windows, then 1
+    assert unequal_batches["ce"] == pytest.approx(result["ce"], rel=1e-5)
+    written = json.loads(open(os.path.join(text_run["out_dir"], "eval_val.json")).read())
+    assert written["ce"] == result["ce"] and written["iter_num"] == 3 and "--eval=val" in written["command"]
+    assert f"{n * T} tokens: CE {result['ce']:.4f}" in capsys.readouterr().out
+
+
 # ---- sampling from tiny trained checkpoints ----
 
 def test_sampling_is_deterministic_for_a_fixed_seed_and_returns_text(arith_run):
@@ -2461,6 +2486,9 @@ def test_sample_refuses_a_negative_top_k_and_a_prompt_file_that_is_not_utf8(tmp_
     (["--eval=arithmetic", "--n=0"], "n must be positive"),
     (["--eval=arithmetic", "--temperature=0"], "reads no sampling option, but got --temperature"),
     (["--n=5"], "--n=5 counts the examples of --eval=arithmetic"),
+    (["--eval=val", "--n=5"], "--n=5 counts the examples of --eval=arithmetic"),
+    (["--eval=val", "--top_k=5"], "--eval=val reads no sampling option, but got --top_k"),
+    (["--eval=text"], "eval must be '' \\(sample\\), 'arithmetic' or 'val'"),
     (["--out_dir={foreign}"], "the checkpoint was trained on another dataset; point --data_dir"),
     (["--out_dir={foreign}", "--eval=arithmetic"], "the checkpoint was trained on another dataset; point --data_dir"),
 ])
@@ -3278,6 +3306,23 @@ def test_the_digit_level_scores_of_sample_py_are_paired_and_the_length_bias_is_c
         assert paired_row(table, "gapt", key)[3] == "1: +0.0000, 2: +0.0000, 3: +0.0000"
     r = np.corrcoef([-2.0, 0.0, 1.0], [1.0, 0.1, -0.5])[0, 1]
     assert f"over 3 seeds of the change in val_ood_length_bias with the change in val_ood_answer_ce: r = {r:+.2f}" in table
+
+
+def test_the_whole_split_scores_of_sample_py_are_paired_beside_the_logged_ones(tmp_path):
+    """The logged val CE reads a few batches, other ones for every seed; sample.py --eval=val reads the
+    whole split, and the report pairs its CE and MBE as it pairs the logged ones."""
+    runs = []
+    for mode, seed, ce, mbe in (("baseline", 1, 3.0, 1.0), ("gapt", 1, 3.3, 0.5), ("baseline", 2, 2.0, 1.0),
+                                ("gapt", 2, 2.1, 0.8)):
+        runs.append(write_text_log(tmp_path / f"{mode}{seed}", mode, seed, [5.0, 4.0]))
+        (tmp_path / f"{mode}{seed}" / "eval_val.json").write_text(json.dumps(dict(ce=ce, mbe_all=mbe, tokens=99)))
+    table = report.summarize_runs(runs)
+    assert paired_row(table, "gapt", "whole_val_ce")[3] == "1: +0.3000, 2: +0.1000"
+    assert numbers(paired_row(table, "gapt", "whole_val_mbe_all")[5])[0] == pytest.approx(-35.0)  # -50% and -20%
+    assert paired_row(table, "gapt", "val_ce")[3] == "1: +0.0000, 2: +0.0000"  # the log's, still there
+    (tmp_path / "gapt2" / "eval_val.json").write_text("{}")
+    with pytest.raises(SystemExit, match="has no ce, mbe_all; rerun python sample.py --eval=val"):
+        report.summarize_runs(runs)
 
 
 def write_text_log(out_dir, mode, seed, val_ces, compress_at=()):

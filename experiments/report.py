@@ -1,6 +1,6 @@
 """
 Figures and tables from what runs left in their out_dir: log.jsonl of gapt.py runs (and sample.py's
-eval_arithmetic.json beside it), or forgetting.json of the toy. Everything can be redrawn from the
+eval_arithmetic.json and eval_val.json beside it), or forgetting.json of the toy. Everything can be redrawn from the
 logs alone. matplotlib is needed here only.
 
     python -m experiments.report --runs=out-a,out-b --file=assets/runs.png   # figure + markdown tables
@@ -226,12 +226,13 @@ def plot_forgetting(json_path):
     return fig
 
 
-SUMMARY_KEYS = ("val_ce", "min_val_ce", "val_mbe", "val_mbe_all", "val_answer_ce", "val_ood_answer_ce",
+SUMMARY_KEYS = ("val_ce", "min_val_ce", "val_mbe", "val_mbe_all", "whole_val_ce", "whole_val_mbe_all", "val_answer_ce", "val_ood_answer_ce",
                 "val_answer_ce_in_context", "val_ood_answer_ce_in_context", "val_exact_match", "val_ood_exact_match",
                 "min_test_ood_answer_ce", "val_ood_answer_ce_at_min_test_ood", "compressing", "compression_phases",
                 "min_val_ce_iter", "val_ce_rise", "val_train_gap", "compressed_before_min", "compression_phase_steps",
                 "gate_ce_noise", "noise_phase_steps")
-SELECTED_KEYS_NOTE = ("min_*: the lowest over the run's evaluations, not the final one, min_val_ce_iter its step; "
+SELECTED_KEYS_NOTE = ("whole_val_*: over the whole val split (sample.py --eval=val), where val_* read eval_iters "
+                      "batches of it; min_*: the lowest over the run's evaluations, not the final one, min_val_ce_iter its step; "
                       "val_ce_rise: final minus lowest val CE (> 0: the run overfits); val_train_gap: final val minus "
                       "train CE; compressed_before_min: 1 if the run compressed before its lowest val CE; "
                       "*_at_min_test_ood: at the evaluation with the lowest test_ood answer CE (early stopping on an "
@@ -251,8 +252,9 @@ BLOCK_TABLES = {  # per-block lists in the eval rows, and what each table shows
 
 def final_metrics(out_dir, rows):
     """A run's last evaluation (at max_iters: a fixed step, never the best one, so nothing is
-    chosen on a validation or OOD split), plus sample.py's exact match if eval_arithmetic.json exists,
-    plus the selected values named by SELECTED_KEYS_NOTE, each labelled as such."""
+    chosen on a validation or OOD split), plus sample.py's whole-split CE and MBE if eval_val.json exists
+    and its exact match if eval_arithmetic.json does, plus the selected values named by
+    SELECTED_KEYS_NOTE, each labelled as such."""
     evals = [r for r in rows if r.get("event") == "eval"]
     last = evals[-1]
     lowest = min(evals, key=lambda r: r["val_ce"])  # the first of equal lowest ones
@@ -279,6 +281,10 @@ def final_metrics(out_dir, rows):
     for key in BLOCK_TABLES:
         for block, value in enumerate(last.get(key, [])):
             metrics[f"{key} {block}"] = value
+    path = os.path.join(out_dir, "eval_val.json")
+    if os.path.exists(path):
+        result = read_json(path, ("ce", "mbe_all"), f"rerun python sample.py --eval=val --out_dir={out_dir}, or delete it")
+        metrics.update(whole_val_ce=result["ce"], whole_val_mbe_all=result["mbe_all"])
     path = os.path.join(out_dir, "eval_arithmetic.json")
     if os.path.exists(path):
         result = read_json(path, ("rows",),
@@ -398,7 +404,7 @@ def mean_and_interval(values, fmt):
     return f"{fmt.format(mean)} [{fmt.format(mean - half)}, {fmt.format(mean + half)}]"
 
 
-PAIRED_KEYS = ("val_ce", "min_val_ce", "min_val_ce_iter", "val_mbe_all", "val_ood_answer_ce", "val_ood_answer_ce_in_context",
+PAIRED_KEYS = ("val_ce", "min_val_ce", "min_val_ce_iter", "val_mbe_all", "whole_val_ce", "whole_val_mbe_all", "val_ood_answer_ce", "val_ood_answer_ce_in_context",
                "val_answer_ce", "val_exact_match", "val_ood_exact_match",
                # what the OOD answer CE mixes, apart (sample.py --eval=arithmetic): does the model know where
                # the product ends, or its digits?
