@@ -96,7 +96,7 @@ PLOT_PANELS = [("ce", "training CE"), ("mbe", "training MBE_reg"), ("val_mbe", "
                ("val_ood_answer_ce_in_context", "OOD answer CE in context"), ("val_answer_ce", "ID answer CE (val)"),
                ("val_ce", "validation CE"), ("align_cos", "cos(grad CE, grad MBE_reg)")]
 MODE_COLORS = dict(baseline="tab:gray", iblm="tab:blue", gapt="tab:red")
-LINE_STYLES = ("-", "--", ":", "-.")  # a mode's runs at different settings (lambda 1, 0.03, ...)
+LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (9, 3)))  # a mode's settings (lambda 1, 0.03, ...)
 
 
 def mean_curve(curves):
@@ -150,7 +150,8 @@ def plot_training_runs(run_dirs):
         if key == "align_cos":
             ax.axhline(0, color="k", lw=0.5)
         ax.set_ylabel(title, fontsize=8)
-    axes[0, 0].legend(fontsize=7, ncol=3)
+    longest = max(len(label) for label in axes[0, 0].get_legend_handles_labels()[1])
+    axes[0, 0].legend(fontsize=7, ncol=3 if longest < 40 else 1)  # long setting labels stay inside the panel
     if spans:
         axes[0, 0].set_title("shaded: GAPT compression phases (darker where more seeds compress)", fontsize=8)
     axes[-1, 0].set_xlabel("optimizer step")
