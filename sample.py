@@ -40,6 +40,7 @@ SAMPLE_DEFAULTS = dict(
     out_dir="out",  # the training run to load: out_dir/ckpt.pt
     data_dir="",  # root of the run's dataset; "" = the run's own data_dir (relative to where it trained)
     device="auto",  # 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', 'mps'
+    threads=0,  # CPU threads; 0 = auto, as gapt.py's threads (the cores but one)
     # sampling
     start="",  # the prompt, or FILE:path to read it from; "" = the end token: a new document or example
     num_samples=3,  # samples drawn from the prompt (one when greedy)
@@ -58,6 +59,7 @@ SAMPLING_KEYS = ("start", "num_samples", "max_new_tokens", "stop_at_end", "tempe
 
 SAMPLE_RULES = {
     **gapt.rule(lambda v: v > 0, "positive", ("num_samples", "max_new_tokens", "n")),
+    **gapt.rule(lambda v: v >= 0, ">= 0 (0 = auto: the cores but one)", ("threads",)),
     **gapt.rule(lambda v: v >= 0, ">= 0 (temperature 0 is greedy, top_k 0 samples among all tokens)",
                 ("temperature", "top_k")),
     **gapt.rule(lambda v: 0 <= v < 2**64, "in [0, 2**64), the seeds torch takes", ("seed",)),
@@ -364,6 +366,7 @@ def main(argv=None):
     CE and MBE (returns them)."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = load_sample_config(argv)
+    gapt.set_threads(cfg.threads)
     device = gapt.check_device(cfg.device)
     prompt = read_prompt(cfg.start)
     model, checkpoint = load_model(cfg.out_dir, device)

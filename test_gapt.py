@@ -793,6 +793,26 @@ def test_threads_default_to_the_cores_but_one_and_an_explicit_choice_wins(monkey
         torch.set_num_threads(before)
 
 
+class ThreadsChosen(Exception):
+    pass
+
+
+@pytest.mark.parametrize("program", ["gapt", "sample", "bench", "forgetting"])
+def test_every_program_hands_its_threads_to_torch_before_any_work(monkeypatch, tmp_path, program):
+    def choose(threads):
+        raise ThreadsChosen(threads)
+    monkeypatch.setattr(gapt, "set_threads", choose)
+    monkeypatch.setattr(forgetting, "set_threads", choose)
+    out = f"--out_dir={tmp_path / 'out'}"
+    run = {"gapt": lambda: gapt.train(gapt.load_config([out, "--threads=3"])),
+           "sample": lambda: sample.main([out, "--threads=3"]),
+           "bench": lambda: bench.run_bench(bench.load_config([out, "--threads=3"])),
+           "forgetting": lambda: forgetting.run_forgetting(forgetting.load_config([out, "--threads=3"]))}[program]
+    with pytest.raises(ThreadsChosen) as chosen:
+        run()
+    assert chosen.value.args == (3,)
+
+
 DDP_SCRIPT = f"""
 import os, sys, torch
 sys.path.insert(0, {HERE!r})
@@ -2484,6 +2504,7 @@ def test_sample_refuses_a_negative_top_k_and_a_prompt_file_that_is_not_utf8(tmp_
     (["--seed=18446744073709551616"], r"seed must be in \[0, 2\*\*64\)"),
     (["--device=cuda"], "no CUDA device; use --device=cpu"),
     (["--eval=arithmetic", "--n=0"], "n must be positive"),
+    (["--threads=-1"], r"threads must be >= 0 \(0 = auto"),
     (["--eval=arithmetic", "--temperature=0"], "reads no sampling option, but got --temperature"),
     (["--n=5"], "--n=5 counts the examples of --eval=arithmetic"),
     (["--eval=val", "--n=5"], "--n=5 counts the examples of --eval=arithmetic"),

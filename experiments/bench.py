@@ -65,6 +65,7 @@ def bench_variants(cfg, model, train_model, optimizer, token_path, autocast_ctx,
 
 
 def run_bench(cfg):
+    gapt.set_threads(cfg.threads)
     dist_info = gapt.setup_distributed(cfg)
     device = dist_info.device
     micro_steps = gapt.micro_steps_per_process(cfg, dist_info)

@@ -388,6 +388,7 @@ def print_forgetting_table(summary, n_seeds):
 
 def run_forgetting(cfg):
     """Every mode x schedule x seed, the table, and a JSON file with every number."""
+    set_threads(cfg.threads)
     out_dir = cfg.out_dir
     t0 = time.time()
     runs = []
@@ -431,6 +432,4 @@ def load_config(argv):
 
 
 if __name__ == "__main__":
-    config = load_config(sys.argv[1:])
-    set_threads(config.threads)
-    run_forgetting(config)
+    run_forgetting(load_config(sys.argv[1:]))
