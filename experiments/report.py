@@ -260,7 +260,8 @@ def final_metrics(out_dir, rows):
     last = evals[-1]
     lowest = min(evals, key=lambda r: r["val_ce"])  # the first of equal lowest ones
     metrics = dict(last, min_val_ce=lowest["val_ce"], min_val_ce_iter=lowest["iter"],
-                   val_ce_rise=last["val_ce"] - lowest["val_ce"])
+                   val_ce_rise=last["val_ce"] - lowest["val_ce"],
+                   seed=start_config(rows).get("seed", DEFAULTS_OF_GAPT["seed"]))
     if "train_ce" in last:
         metrics["val_train_gap"] = last["val_ce"] - last["train_ce"]
     if all("test_ood_answer_ce" in r for r in evals):
@@ -326,17 +327,21 @@ def reference_row(labels):
 
 def mode_table(by_mode, keys, headers=None):
     """Markdown rows: mean ± std of each key over each mode's runs (the value alone for one run: one
-    run has no spread), and the change of the mean against the reference row's."""
-    means = {mode: {k: np.mean([m[k] for m in ms]) for k in keys} for mode, ms in by_mode.items()}
+    run has no spread), and the change of the mean against the reference row's over the seeds both
+    rows have (seeds differ by more than many effects: a one-seed row against a three-seed mean would
+    mostly measure its seed)."""
     reference = reference_row(by_mode)
     lines = ["| mode | runs | " + " | ".join(headers or keys) + " |", "|---|---:|" + "---:|" * len(keys)]
     for mode, ms in by_mode.items():
+        shared = {m["seed"] for m in ms} & {m["seed"] for m in by_mode.get(reference, [])}
         cells = []
         for k in keys:
             values = [m[k] for m in ms]
             cell = f"{np.mean(values):.4f}" + (f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
-            if reference not in (None, mode) and means[reference][k]:
-                cell += f" ({100 * (means[mode][k] / means[reference][k] - 1):+.1f}%)"
+            if shared and mode != reference:
+                ours, theirs = (np.mean([m[k] for m in by_mode[row] if m["seed"] in shared]) for row in (mode, reference))
+                if theirs:
+                    cell += f" ({100 * (ours / theirs - 1):+.1f}%)"
             cells.append(cell)
         lines.append(f"| {mode} | {len(ms)} | " + " | ".join(cells) + " |")
     return lines
@@ -416,8 +421,8 @@ PAIRED_KEYS = ("val_ce", "min_val_ce", "min_val_ce_iter", "val_mbe_all", "whole_
 def runs_by_seed(runs):
     """{seed: [(out_dir, final metrics)]} from [(out_dir, rows, final metrics)]."""
     groups = {}
-    for out_dir, rows, metrics in runs:
-        groups.setdefault(start_config(rows).get("seed", DEFAULTS_OF_GAPT["seed"]), []).append((out_dir, metrics))
+    for out_dir, _, metrics in runs:
+        groups.setdefault(metrics["seed"], []).append((out_dir, metrics))
     return groups
 
 
@@ -491,7 +496,7 @@ def summarize_runs(run_dirs, align_window=0, learned_exact_match=DEFAULTS["learn
     keys = [k for k in SUMMARY_KEYS if all(k in m for m in runs)]
     iters = sorted({m["iter"] for m in runs})
     lines = [f"final evaluation at iter{'s' if len(iters) > 1 else ''} {', '.join(map(str, iters))}, mean ± std over "
-             f"runs (change of the mean vs baseline); {SELECTED_KEYS_NOTE}", "", *mode_table(metrics_by_mode, keys)]
+             f"runs (change of the mean vs baseline's over the seeds both have); {SELECTED_KEYS_NOTE}", "", *mode_table(metrics_by_mode, keys)]
     reference = reference_row(evaluated)
     pairs, notes = paired_table(evaluated, reference, learned_exact_match) if reference else ([], [])
     if pairs:
