@@ -3497,7 +3497,7 @@ def test_a_row_of_one_run_prints_its_value_without_a_spread(tmp_path):
     two_runs = next(line for line in lines if line.startswith("| baseline | 2 |"))
     one_run = next(line for line in lines if line.startswith("| gapt | 1 |"))
     assert f"| 3.0000 ± {np.std([2.0, 4.0], ddof=1):.4f} |" in two_runs
-    assert "±" not in one_run and "| 2.4000 (-20.0%) |" in one_run
+    assert "±" not in one_run and "| 2.4000 (+20.0%) |" in one_run
 
 
 def test_the_header_names_the_final_iter_once_and_each_one_only_when_runs_differ(tmp_path):
